@@ -1,0 +1,61 @@
+"""The application factory: routes in one place, one middleware, a cleanup context per resource."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+
+from gateway.compiled import ProviderPool
+from gateway.context import GATEWAY, Gateway
+from gateway.errors import GatewayError
+from gateway.handlers import add_routes
+from gateway.state import PolicyHolder
+from policies.loader import load_policy
+
+log = logging.getLogger("lockgate")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def openai_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Everything outside the proxy pipeline also answers in OpenAI's error shape."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status)
+        message = f"{request.method} {request.path}: {exc.reason}"
+        return GatewayError(exc.status, message, "invalid_request_error", code).response()
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return GatewayError(500, "The gateway failed to handle the request.", "api_error", "internal_error").response()
+
+
+def create_app(policy_path: str | os.PathLike[str]) -> web.Application:
+    """Builds the gateway for one policy file; the policy is loaded in the app's start-up."""
+    initial = load_policy(policy_path)
+    server = initial.policy.server
+    app = web.Application(middlewares=[openai_errors], client_max_size=server.max_request_bytes)
+    pool = ProviderPool(retire_after_s=server.shutdown_timeout_s + 5)
+    holder = PolicyHolder(policy_path, pool)
+    app[GATEWAY] = Gateway(holder)
+
+    async def policy_and_providers(app: web.Application) -> AsyncIterator[None]:
+        await holder.load_initial()
+        watcher = asyncio.get_running_loop().create_task(holder.watch(server.watch_interval_s))
+        yield
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        await pool.close()
+
+    app.cleanup_ctx.append(policy_and_providers)
+    add_routes(app)
+    return app

@@ -1,0 +1,81 @@
+"""The `lockgate` command: serve, check, keys."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from policies.keys import hash_key, new_key
+from policies.loader import PolicyError, load_policy
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from gateway.server import ServeOptions, serve
+
+    try:
+        loaded = load_policy(args.policy)
+    except PolicyError as exc:
+        print(exc.format(), file=sys.stderr)
+        return 2
+    server = loaded.policy.server
+    options = ServeOptions(
+        policy_path=args.policy,
+        host=args.host or server.host,
+        port=server.port if args.port is None else args.port,
+        workers=args.workers or server.workers,
+        shutdown_timeout_s=server.shutdown_timeout_s,
+    )
+    return serve(options)
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    try:
+        loaded = load_policy(args.policy)
+    except PolicyError as exc:
+        print(exc.format(), file=sys.stderr)
+        print(f"{len(exc.problems)} problem(s) found", file=sys.stderr)
+        return 1
+    policy = loaded.policy
+    print(f"{args.policy}: OK (version {loaded.sha256[:12]}: {len(policy.keys)} keys, {len(policy.users)} users, "
+          f"{len(policy.providers)} providers, {len(policy.routes)} routes)")
+    return 0
+
+
+def _cmd_keys_new(args: argparse.Namespace) -> int:
+    key = new_key()
+    key_id = args.id or f"{args.user}-{hash_key(key)[:6]}"
+    print(f"key (shown once, give it to {args.user}): {key}", file=sys.stderr)
+    print(f'  - {{id: {key_id}, sha256: "{hash_key(key)}", user: {args.user}}}')
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="lockgate", description="A governed AI gateway.")
+    verbs = top.add_subparsers(dest="verb", required=True)
+
+    serve = verbs.add_parser("serve", help="run the gateway on a policy file")
+    serve.add_argument("policy")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--workers", type=int)
+    serve.set_defaults(run=_cmd_serve)
+
+    check = verbs.add_parser("check", help="validate a policy file and print every problem with its line")
+    check.add_argument("policy")
+    check.set_defaults(run=_cmd_check)
+
+    keys = verbs.add_parser("keys", help="issue API keys").add_subparsers(dest="keys_verb", required=True)
+    keys_new = keys.add_parser("new", help="print a fresh key once, and the `keys:` line with its hash")
+    keys_new.add_argument("--user", required=True)
+    keys_new.add_argument("--id")
+    keys_new.set_defaults(run=_cmd_keys_new)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

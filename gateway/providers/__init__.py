@@ -1,0 +1,47 @@
+"""Providers: one module each behind `Provider`; `build_provider` turns a policy entry into one."""
+
+from __future__ import annotations
+
+from gateway.providers.base import (
+    ChunkStream,
+    Completion,
+    Op,
+    Provider,
+    UnsupportedOperation,
+    UpstreamError,
+    Usage,
+)
+from policies.schema import (
+    AnthropicProviderConfig,
+    AzureProviderConfig,
+    EmbeddedProviderConfig,
+    OpenAIProviderConfig,
+)
+
+__all__ = [
+    "ChunkStream", "Completion", "Op", "Provider", "UnsupportedOperation", "UpstreamError", "Usage", "build_provider",
+]
+
+
+def build_provider(
+    name: str,
+    config: OpenAIProviderConfig | AzureProviderConfig | AnthropicProviderConfig | EmbeddedProviderConfig,
+) -> Provider:
+    if isinstance(config, OpenAIProviderConfig):
+        from gateway.providers.openai import OpenAIProvider
+
+        return OpenAIProvider(name, config.base_url, config.api_key, config.headers, config.max_connections,
+                              config.organization)
+    if isinstance(config, AzureProviderConfig):
+        from gateway.providers.openai import AzureOpenAIProvider
+
+        return AzureOpenAIProvider(name, config.base_url, config.api_key, config.headers, config.max_connections,
+                                   config.api_version)
+    if isinstance(config, AnthropicProviderConfig):
+        from gateway.providers.anthropic import AnthropicProvider
+
+        return AnthropicProvider(name, config.base_url, config.api_key, config.headers, config.max_connections,
+                                 config.anthropic_version, config.default_max_tokens)
+    from gateway.providers.embedded import EmbeddedProvider
+
+    return EmbeddedProvider(name, config)

@@ -1,0 +1,66 @@
+"""Anthropic's Messages API behind the chat completions interface."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+import orjson
+
+from gateway.providers.anthropic_translate import StreamTranslator, from_message, to_messages_request
+from gateway.providers.base import ChunkStream, Completion, Op, Provider, UpstreamError, Usage
+from gateway.providers.http import HttpTransport
+
+
+class AnthropicProvider(Provider):
+    ops = frozenset({"chat"})
+
+    def __init__(
+        self, name: str, base_url: str, api_key: str | None, headers: dict[str, str], max_connections: int,
+        anthropic_version: str, default_max_tokens: int,
+    ) -> None:
+        super().__init__(name)
+        self.url = base_url.rstrip("/") + "/v1/messages"
+        self.transport = HttpTransport(name, max_connections)
+        self.default_max_tokens = default_max_tokens
+        self.headers = {"Content-Type": "application/json", "anthropic-version": anthropic_version, **headers}
+        if api_key:
+            self.headers["x-api-key"] = api_key
+
+    async def start(self) -> None:
+        await self.transport.start()
+
+    async def close(self) -> None:
+        await self.transport.close()
+
+    async def complete(self, op: Op, body: dict, timeout: aiohttp.ClientTimeout) -> Completion:
+        if op != "chat":
+            return await super().complete(op, body, timeout)
+        payload = orjson.dumps(to_messages_request(body, body["model"], self.default_max_tokens))
+        response = await self.transport.post(self.url, payload, self.headers, timeout)
+        message, _ = await self.transport.read_json(response)
+        if message.get("type") != "message" or not isinstance(message.get("content"), list):
+            raise UpstreamError("invalid", f"{self.name}: upstream answer is not a Messages API message")
+        data = from_message(message)
+        return Completion(data, None, Usage.from_openai(data["usage"]))
+
+    async def stream(self, op: Op, body: dict, timeout: aiohttp.ClientTimeout) -> ChunkStream:
+        if op != "chat":
+            return await super().stream(op, body, timeout)
+        payload = orjson.dumps(to_messages_request({**body, "stream": True}, body["model"], self.default_max_tokens))
+        response = await self.transport.post(self.url, payload, self.headers, timeout)
+        return ChunkStream(self._chunks(response), response.release)
+
+    async def _chunks(self, response: aiohttp.ClientResponse) -> AsyncIterator[dict]:
+        translator = StreamTranslator()
+        async for name, data in self.transport.events(response):
+            if data is None:
+                continue
+            if name == "error" or data.get("type") == "error":
+                error = data.get("error") or {}
+                raise UpstreamError("invalid", f"{self.name}: upstream error mid-stream: {error.get('message')}", None, error)
+            for chunk in translator.feed(name, data):
+                yield chunk
+            if translator.finished:
+                return
+        raise UpstreamError("reset", f"{self.name}: the stream ended before message_stop")

@@ -1,0 +1,223 @@
+"""Chat Completions <-> Anthropic Messages: pure translation, no I/O."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+
+STOP_REASONS = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "max_tokens": "length",
+    "tool_use": "tool_calls",
+    "pause_turn": "stop",
+    "refusal": "content_filter",
+}
+
+
+class TranslationError(ValueError):
+    """The chat request uses something the Messages API cannot express."""
+
+
+def _text(content: object) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    raise TranslationError("message content must be a string or a list of parts")
+
+
+def _image(part: dict) -> dict:
+    url = (part.get("image_url") or {}).get("url", "")
+    if url.startswith("data:"):
+        header, _, data = url.partition(",")
+        media_type = header[5:].split(";")[0]
+        return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
+    return {"type": "image", "source": {"type": "url", "url": url}}
+
+
+def _blocks(content: object) -> list[dict]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list):
+        raise TranslationError("message content must be a string or a list of parts")
+    blocks = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            blocks.append({"type": "text", "text": part.get("text", "")})
+        elif kind == "image_url":
+            blocks.append(_image(part))
+        else:
+            raise TranslationError(f"content part type {kind!r} is not supported by this provider")
+    return blocks
+
+
+def _assistant_blocks(message: dict) -> list[dict]:
+    blocks = [b for b in ([{"type": "text", "text": _text(message.get("content"))}]) if b["text"]]
+    for call in message.get("tool_calls") or []:
+        function = call.get("function") or {}
+        try:
+            arguments = orjson.loads(function.get("arguments") or "{}")
+        except orjson.JSONDecodeError:
+            raise TranslationError("tool call arguments must be JSON") from None
+        blocks.append({"type": "tool_use", "id": call.get("id"), "name": function.get("name"), "input": arguments})
+    return blocks
+
+
+def _tool_choice(choice: object, parallel: object) -> dict | None:
+    if choice is None:
+        out: dict | None = None
+    elif choice == "auto":
+        out = {"type": "auto"}
+    elif choice == "required":
+        out = {"type": "any"}
+    elif choice == "none":
+        out = {"type": "none"}
+    elif isinstance(choice, dict) and choice.get("type") == "function":
+        out = {"type": "tool", "name": (choice.get("function") or {}).get("name")}
+    else:
+        raise TranslationError("unsupported tool_choice")
+    if parallel is False:
+        out = {**(out or {"type": "auto"}), "disable_parallel_tool_use": True}
+    return out
+
+
+def to_messages_request(body: dict, model: str, default_max_tokens: int) -> dict:
+    system: list[str] = []
+    messages: list[dict] = []
+    for message in body.get("messages") or []:
+        role = message.get("role")
+        if role in ("system", "developer"):
+            system.append(_text(message.get("content")))
+            continue
+        if role == "user":
+            turn = {"role": "user", "content": _blocks(message.get("content"))}
+        elif role == "assistant":
+            turn = {"role": "assistant", "content": _assistant_blocks(message)}
+        elif role == "tool":
+            result = {"type": "tool_result", "tool_use_id": message.get("tool_call_id"),
+                      "content": _text(message.get("content"))}
+            turn = {"role": "user", "content": [result]}
+        else:
+            raise TranslationError(f"message role {role!r} is not supported")
+        if messages and messages[-1]["role"] == turn["role"]:
+            messages[-1]["content"].extend(turn["content"])
+        else:
+            messages.append(turn)
+    out: dict = {
+        "model": model,
+        "messages": messages,
+        "max_tokens": body.get("max_completion_tokens") or body.get("max_tokens") or default_max_tokens,
+    }
+    if system:
+        out["system"] = "\n\n".join(system)
+    for name in ("temperature", "top_p"):
+        if body.get(name) is not None:
+            out[name] = body[name]
+    stop = body.get("stop")
+    if stop:
+        out["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
+    if body.get("stream"):
+        out["stream"] = True
+    tools = body.get("tools")
+    if tools:
+        out["tools"] = [
+            {"name": t["function"]["name"], "description": t["function"].get("description", ""),
+             "input_schema": t["function"].get("parameters") or {"type": "object", "properties": {}}}
+            for t in tools if t.get("type") == "function"
+        ]
+    choice = _tool_choice(body.get("tool_choice"), body.get("parallel_tool_calls"))
+    if choice is not None:
+        out["tool_choice"] = choice
+    if isinstance(body.get("user"), str):
+        out["metadata"] = {"user_id": body["user"]}
+    return out
+
+
+def usage_from(usage: dict) -> dict:
+    cached = int(usage.get("cache_read_input_tokens") or 0)
+    prompt = int(usage.get("input_tokens") or 0) + cached + int(usage.get("cache_creation_input_tokens") or 0)
+    completion = int(usage.get("output_tokens") or 0)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+def from_message(message: dict) -> dict:
+    text = "".join(b.get("text", "") for b in message.get("content", []) if b.get("type") == "text")
+    calls = [
+        {"id": b["id"], "type": "function", "function": {"name": b["name"], "arguments": orjson.dumps(b["input"]).decode()}}
+        for b in message.get("content", []) if b.get("type") == "tool_use"
+    ]
+    reply: dict = {"role": "assistant", "content": text if text or not calls else None}
+    if calls:
+        reply["tool_calls"] = calls
+    return {
+        "id": f"chatcmpl-{message.get('id', '')}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": message.get("model", ""),
+        "choices": [{"index": 0, "message": reply, "logprobs": None,
+                     "finish_reason": STOP_REASONS.get(message.get("stop_reason") or "", "stop")}],
+        "usage": usage_from(message.get("usage") or {}),
+    }
+
+
+class StreamTranslator:
+    """Turns Messages API stream events into chat.completion.chunk dicts, ending with a usage chunk."""
+
+    def __init__(self) -> None:
+        self.id = ""
+        self.model = ""
+        self.created = int(time.time())
+        self.usage: dict = {}
+        self.finish_reason: str | None = None
+        self.tool_index = -1
+        self.finished = False
+
+    def _chunk(self, delta: dict, finish_reason: str | None = None) -> dict:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+    def feed(self, event: str, data: dict) -> list[dict]:
+        kind = data.get("type", event)
+        if kind == "message_start":
+            message = data.get("message") or {}
+            self.id = f"chatcmpl-{message.get('id', '')}"
+            self.model = message.get("model", "")
+            self.usage.update(message.get("usage") or {})
+            return [self._chunk({"role": "assistant", "content": ""})]
+        if kind == "content_block_start":
+            block = data.get("content_block") or {}
+            if block.get("type") == "tool_use":
+                self.tool_index += 1
+                call = {"index": self.tool_index, "id": block.get("id"), "type": "function",
+                        "function": {"name": block.get("name"), "arguments": ""}}
+                return [self._chunk({"tool_calls": [call]})]
+            return []
+        if kind == "content_block_delta":
+            delta = data.get("delta") or {}
+            if delta.get("type") == "text_delta":
+                return [self._chunk({"content": delta.get("text", "")})]
+            if delta.get("type") == "input_json_delta":
+                call = {"index": self.tool_index, "function": {"arguments": delta.get("partial_json", "")}}
+                return [self._chunk({"tool_calls": [call]})]
+            return []
+        if kind == "message_delta":
+            reason = (data.get("delta") or {}).get("stop_reason")
+            self.finish_reason = STOP_REASONS.get(reason or "", "stop")
+            self.usage.update({k: v for k, v in (data.get("usage") or {}).items() if v is not None})
+            return []
+        if kind == "message_stop":
+            self.finished = True
+            usage_chunk = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                           "model": self.model, "choices": [], "usage": usage_from(self.usage)}
+            return [self._chunk({}, self.finish_reason or "stop"), usage_chunk]
+        return []

@@ -1,0 +1,82 @@
+"""OpenAI, Azure OpenAI and any OpenAI-compatible server (vLLM's, for one): bodies pass through as they are."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+import orjson
+
+from gateway.providers.base import ChunkStream, Completion, Op, Provider, UpstreamError, Usage
+from gateway.providers.http import HttpTransport
+
+_PATHS: dict[str, str] = {"chat": "chat/completions", "completions": "completions", "embeddings": "embeddings"}
+
+
+class OpenAIProvider(Provider):
+    def __init__(
+        self,
+        name: str,
+        base_url: str,
+        api_key: str | None,
+        headers: dict[str, str],
+        max_connections: int,
+        organization: str | None = None,
+    ) -> None:
+        super().__init__(name)
+        self.base_url = base_url.rstrip("/")
+        self.transport = HttpTransport(name, max_connections)
+        self.headers = {"Content-Type": "application/json", **headers}
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
+        if organization:
+            self.headers["OpenAI-Organization"] = organization
+
+    async def start(self) -> None:
+        await self.transport.start()
+
+    async def close(self) -> None:
+        await self.transport.close()
+
+    def url(self, op: Op, body: dict) -> str:
+        return f"{self.base_url}/{_PATHS[op]}"
+
+    async def complete(self, op: Op, body: dict, timeout: aiohttp.ClientTimeout) -> Completion:
+        response = await self.transport.post(self.url(op, body), orjson.dumps(body), self.headers, timeout)
+        data, raw = await self.transport.read_json(response)
+        return Completion(data, raw, Usage.from_openai(data.get("usage")))
+
+    async def stream(self, op: Op, body: dict, timeout: aiohttp.ClientTimeout) -> ChunkStream:
+        if op == "embeddings":
+            return await super().stream(op, body, timeout)
+        response = await self.transport.post(self.url(op, body), orjson.dumps(body), self.headers, timeout)
+        if not response.content_type.startswith("text/event-stream"):
+            response.release()
+            raise UpstreamError("invalid", f"{self.name}: upstream did not answer with an event stream")
+        return ChunkStream(self._chunks(response), response.release)
+
+    async def _chunks(self, response: aiohttp.ClientResponse) -> AsyncIterator[dict]:
+        async for _, data in self.transport.events(response):
+            if data is None:
+                return
+            if data.get("error"):
+                error = data["error"] if isinstance(data["error"], dict) else {"message": str(data["error"])}
+                raise UpstreamError("invalid", f"{self.name}: upstream error mid-stream: {error.get('message')}", None, error)
+            yield data
+        raise UpstreamError("reset", f"{self.name}: the stream ended without [DONE]")
+
+
+class AzureOpenAIProvider(OpenAIProvider):
+    """Azure names deployments in the URL and authenticates with an `api-key` header."""
+
+    def __init__(
+        self, name: str, base_url: str, api_key: str | None, headers: dict[str, str], max_connections: int,
+        api_version: str,
+    ) -> None:
+        super().__init__(name, base_url, None, headers, max_connections)
+        self.api_version = api_version
+        if api_key:
+            self.headers["api-key"] = api_key
+
+    def url(self, op: Op, body: dict) -> str:
+        return f"{self.base_url}/openai/deployments/{body['model']}/{_PATHS[op]}?api-version={self.api_version}"

@@ -1,0 +1,110 @@
+"""The request pipeline of the OpenAI endpoints: parse, authenticate, route, call, stream, record."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+from aiohttp import web
+
+from gateway import metrics
+from gateway.compiled import CompiledPolicy
+from gateway.errors import GatewayError, bad_request, model_not_found, unauthorized
+from gateway.exchange import Exchange
+from gateway.providers import Op
+from gateway.streaming import relay
+from gateway.upstream import complete, open_stream
+from policies.keys import Principal
+
+_REQUIRED: dict[str, str] = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
+_JSON = "application/json"
+
+
+def authenticate(request: web.Request, policy: CompiledPolicy) -> Principal:
+    header = request.headers.get("Authorization")
+    if not header:
+        raise unauthorized("You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise unauthorized("The Authorization header must be 'Bearer <key>'.")
+    principal = policy.keyring.authenticate(token.strip())
+    if principal is None:
+        raise unauthorized("Incorrect API key provided.")
+    return principal
+
+
+async def read_body(request: web.Request, limit: int) -> dict:
+    if request.content_length is not None and request.content_length > limit:
+        raise GatewayError(413, f"The request body is larger than the limit of {limit} bytes.",
+                           "invalid_request_error", "request_too_large")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise GatewayError(413, f"The request body is larger than the limit of {limit} bytes.",
+                           "invalid_request_error", "request_too_large") from None
+    if len(raw) > limit:
+        raise GatewayError(413, f"The request body is larger than the limit of {limit} bytes.",
+                           "invalid_request_error", "request_too_large")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise bad_request("We could not parse the JSON body of your request: it is not valid JSON.",
+                          code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object.", code="invalid_json")
+    return body
+
+
+def _validate(body: dict, op: Op) -> bool:
+    field = _REQUIRED[op]
+    value = body.get(field)
+    if value is None:
+        raise bad_request(f"Missing required parameter: '{field}'.", field, "missing_required_parameter")
+    if op == "chat" and (not isinstance(value, list) or not value):
+        raise bad_request("'messages' must be a non-empty array.", "messages", "invalid_type")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool) and stream is not None:
+        raise bad_request("'stream' must be a boolean.", "stream", "invalid_type")
+    if stream and op == "embeddings":
+        raise bad_request("Embeddings cannot be streamed.", "stream", "invalid_value")
+    return bool(stream)
+
+
+async def serve(request: web.Request, op: Op, policy: CompiledPolicy, ex: Exchange) -> web.StreamResponse:
+    principal = authenticate(request, policy)
+    ex.key_id, ex.user, ex.groups = principal.key_id, principal.user, principal.groups
+    body = await read_body(request, policy.loaded.policy.server.max_request_bytes)
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad_request("You must provide a model parameter.", "model", "missing_required_parameter")
+    route = policy.routes.get(model)
+    if route is None:
+        raise model_not_found(model)
+    ex.route = model
+    stream = _validate(body, op)
+    ex.streamed = stream
+    headers = {"x-request-id": ex.request_id}
+    if stream:
+        upstream = await open_stream(route, op, body, ex)
+        wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        return await relay(request, upstream, ex, wants_usage, headers)
+    completion = await complete(route, op, body, ex)
+    ex.usage = completion.usage
+    headers["Content-Type"] = _JSON
+    return web.Response(body=completion.body or orjson.dumps(completion.data), headers=headers)
+
+
+async def handle(request: web.Request, op: Op, policy: CompiledPolicy) -> web.StreamResponse:
+    ex = Exchange(op, policy_version=policy.version)
+    metrics.IN_FLIGHT.inc()
+    try:
+        response = await serve(request, op, policy, ex)
+    except GatewayError as err:
+        ex.status, ex.error_type, ex.error_code = err.status, err.type, err.code or ""
+        metrics.count_error(err.code or err.type, err.status)
+        response = err.response()
+        response.headers["x-request-id"] = ex.request_id
+    finally:
+        metrics.IN_FLIGHT.dec()
+    metrics.observe_request(ex.route or "-", op, ex.status, time.perf_counter() - ex.started)
+    return response

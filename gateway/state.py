@@ -1,0 +1,72 @@
+"""The active policy version, and how a new one replaces it: validate, compile, swap, or keep the old."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+from gateway import metrics
+from gateway.compiled import CompiledPolicy, ProviderPool, compile_policy
+from policies.loader import PolicyError, load_policy
+
+log = logging.getLogger("lockgate.policy")
+
+
+class PolicyHolder:
+    """Owns the policy file's active compiled version; requests read `current` once and keep it."""
+
+    def __init__(self, path: str | os.PathLike[str], pool: ProviderPool) -> None:
+        self.path = Path(path)
+        self.pool = pool
+        self.current: CompiledPolicy | None = None
+        self._lock = asyncio.Lock()
+        self._stamp: tuple[float, int] | None = None
+
+    def _file_stamp(self) -> tuple[float, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return (st.st_mtime, st.st_size)
+
+    async def load_initial(self) -> CompiledPolicy:
+        self._stamp = self._file_stamp()
+        loaded = load_policy(self.path)
+        self.current = compile_policy(loaded, await self.pool.sync(loaded))
+        log.info("policy %s loaded from %s", self.current.version, self.path)
+        return self.current
+
+    async def reload(self) -> tuple[bool, str]:
+        """Loads the file again; on any error the running version stays. Returns (changed, message)."""
+        async with self._lock:
+            self._stamp = self._file_stamp()
+            try:
+                loaded = load_policy(self.path)
+            except PolicyError as exc:
+                metrics.RELOADS.labels("rejected").inc()
+                log.error("policy reload rejected, still serving %s:\n%s", self._version(), exc.format())
+                return False, exc.format()
+            if self.current is not None and loaded.sha256 == self.current.loaded.sha256:
+                return False, f"policy {self.current.version} is unchanged"
+            try:
+                compiled = compile_policy(loaded, await self.pool.sync(loaded))
+            except Exception as exc:
+                metrics.RELOADS.labels("failed").inc()
+                log.exception("policy reload failed, still serving %s", self._version())
+                return False, f"policy could not be activated: {exc}"
+            previous, self.current = self._version(), compiled
+            metrics.RELOADS.labels("applied").inc()
+            log.info("policy %s active (was %s)", compiled.version, previous)
+            return True, f"policy {compiled.version} active"
+
+    def _version(self) -> str:
+        return self.current.version if self.current is not None else "none"
+
+    async def watch(self, interval_s: float) -> None:
+        """Reloads when the file's mtime or size changes; editors that replace the file are covered too."""
+        while True:
+            await asyncio.sleep(interval_s)
+            if self._file_stamp() != self._stamp:
+                await self.reload()
