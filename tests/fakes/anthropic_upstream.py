@@ -40,7 +40,8 @@ class FakeAnthropic:
         return [{"type": "text", "text": "".join(words)}], stop
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
-        if request.headers.get("x-api-key") != self.api_key:
+        bearer = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        if self.api_key not in (request.headers.get("x-api-key"), bearer):
             return _error(401, "authentication_error", "invalid x-api-key")
         if not request.headers.get("anthropic-version"):
             return _error(400, "invalid_request_error", "anthropic-version header is required")

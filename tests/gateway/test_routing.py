@@ -1,0 +1,121 @@
+"""Traffic splitting: weighted arms, drained targets, sticky principals, and the order targets are tried in."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import subprocess
+import sys
+from collections import Counter
+
+import aiohttp
+import openai
+import pytest
+
+from gateway.compiled import Route, Target
+from gateway.providers import Provider
+from gateway.routing import attempt_order, choose, stable_draw
+from policies.schema import RouteConfig, TargetConfig
+from tests.conftest import ADMIN_KEY, ALICE_KEY, BOB_KEY, sdk
+from tests.fakes.openai_upstream import FakeOpenAI
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+def _route(name: str, weights: dict[str, float], fallbacks: tuple[str, ...] = ()) -> Route:
+    provider = Provider("up")
+    targets = tuple(Target(provider, model, weight, aiohttp.ClientTimeout()) for model, weight in weights.items())
+    config = RouteConfig(targets=[TargetConfig(provider="up", model=m, weight=w) for m, w in weights.items()],
+                         fallbacks=list(fallbacks))
+    return Route(name, config, targets)
+
+
+def _shares(route: Route, draws: list[float]) -> dict[str, float]:
+    counts = Counter(route.targets[choose(route.targets, d)].model for d in draws)
+    return {model: counts[model] / len(draws) for model in (t.model for t in route.targets)}
+
+
+def test_split_shares_follow_the_weights_over_2000_requests() -> None:
+    rng = random.Random(7)
+    draws = [rng.random() for _ in range(2000)]
+    shares = _shares(_route("chat", {"gpt-4o-mini": 90, "local": 10}), draws)
+    assert abs(shares["gpt-4o-mini"] - 0.90) <= 0.03 and abs(shares["local"] - 0.10) <= 0.03
+    shares = _shares(_route("chat", {"a": 5, "b": 3, "drained": 0, "c": 2}), draws)
+    assert abs(shares["a"] - 0.5) <= 0.03 and abs(shares["b"] - 0.3) <= 0.03 and abs(shares["c"] - 0.2) <= 0.03
+    assert shares["drained"] == 0
+
+
+def test_sticky_users_spread_by_the_weights_and_never_switch() -> None:
+    route = _route("chat-default", {"gpt-4o-mini": 90, "local": 10})
+    users = [f"user-{i}" for i in range(2000)]
+    shares = _shares(route, [stable_draw(route.name, u) for u in users])
+    assert abs(shares["local"] - 0.10) <= 0.03
+    arms = [choose(route.targets, stable_draw(route.name, u)) for u in users]
+    assert arms == [choose(route.targets, stable_draw(route.name, u)) for u in users]
+
+
+def test_drained_targets_take_no_traffic_even_at_the_edges() -> None:
+    route = _route("chat", {"drained-first": 0, "live": 1, "drained-last": 0})
+    assert {choose(route.targets, d) for d in (0.0, 0.5, 0.999999999)} == {1}
+    assert choose(_route("chat", {"a": 0, "b": 0}).targets, 0.3) == -1
+
+
+def test_sticky_arm_is_the_same_in_another_process_with_another_hash_seed() -> None:
+    code = "from gateway.routing import stable_draw; print(repr(stable_draw('chat-default', 'alice')))"
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert float(out.stdout) == stable_draw("chat-default", "alice")
+    assert stable_draw("chat-default", "alice") != stable_draw("chat-other", "alice")
+
+
+def test_attempt_order_is_arm_then_siblings_then_fallback_routes() -> None:
+    chat = _route("chat", {"a": 1, "drained": 0, "b": 1, "c": 1}, fallbacks=("small",))
+    small = _route("small", {"s1": 1, "s2": 1})
+    routes = {"chat": chat, "small": small}
+    order = [(r.name, t.model) for r, t in attempt_order(chat, routes, 0.5)]
+    assert order == [("chat", "b"), ("chat", "a"), ("chat", "c"), ("small", "s2"), ("small", "s1")]
+
+
+SPLIT = """
+providers:
+  up: {{type: openai, base_url: "{url}"}}
+routes:
+  sticky-ab: {{targets: [{{provider: up, model: arm-a, weight: 50}}, {{provider: up, model: arm-b, weight: 50}}],
+              sticky: user}}
+  split-70-30: {{targets: [{{provider: up, model: arm-a, weight: 70}}, {{provider: up, model: arm-b, weight: 30}},
+                          {{provider: up, model: arm-drained, weight: 0}}]}}
+"""
+
+
+async def test_through_the_sdk_sticky_users_keep_their_arm_and_splits_follow_weights(make_gateway, fake_openai) -> None:
+    _, upstream = fake_openai
+    server = await make_gateway(SPLIT, url=str(upstream.make_url("/v1")))
+    for key in (ALICE_KEY, BOB_KEY, ADMIN_KEY):
+        client = sdk(server, key)
+        replies = await asyncio.gather(*(client.chat.completions.create(model="sticky-ab", messages=HI)
+                                         for _ in range(15)))
+        assert len({r.model for r in replies}) == 1
+    client = sdk(server)
+    models: Counter[str] = Counter()
+    for _ in range(6):
+        replies = await asyncio.gather(*(client.chat.completions.create(model="split-70-30", messages=HI)
+                                         for _ in range(50)))
+        models.update(r.model for r in replies)
+    assert abs(models["arm-a"] / 300 - 0.70) <= 0.10
+    assert models["arm-drained"] == 0
+
+
+async def test_a_route_with_only_drained_targets_answers_503(make_gateway, aiohttp_server) -> None:
+    fake = FakeOpenAI()
+    upstream = await aiohttp_server(fake.app())
+    server = await make_gateway("""
+providers:
+  up: {{type: openai, base_url: "{url}"}}
+routes:
+  drained: {{targets: [{{provider: up, model: m, weight: 0}}]}}
+""", url=str(upstream.make_url("/v1")))
+    with pytest.raises(openai.APIStatusError) as info:
+        await sdk(server).chat.completions.create(model="drained", messages=HI)
+    assert info.value.status_code == 503 and info.value.code == "no_target"
+    assert fake.requests == []
