@@ -49,6 +49,27 @@ def _cmd_keys_new(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_models_list(args: argparse.Namespace) -> int:
+    from runtime import list_models
+
+    for info in list_models():
+        state = "prepared" if info.prepared else "not prepared"
+        print(f"{info.name}\t{state}\t{info.path}\n    {info.description}")
+    return 0
+
+
+def _cmd_models_prepare(args: argparse.Namespace) -> int:
+    from runtime import RuntimeFailure, prepare_model
+
+    try:
+        path = prepare_model(args.name)
+    except RuntimeFailure as exc:
+        print(f"cannot prepare {args.name}: {exc}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="lockgate", description="A governed AI gateway.")
     verbs = top.add_subparsers(dest="verb", required=True)
@@ -69,6 +90,13 @@ def parser() -> argparse.ArgumentParser:
     keys_new.add_argument("--user", required=True)
     keys_new.add_argument("--id")
     keys_new.set_defaults(run=_cmd_keys_new)
+
+    models = verbs.add_parser("models", help="models the embedded runtime can serve").add_subparsers(
+        dest="models_verb", required=True)
+    models.add_parser("list", help="the catalog and what is prepared").set_defaults(run=_cmd_models_list)
+    prepare = models.add_parser("prepare", help="convert a packaged model into a folder vLLM loads (once)")
+    prepare.add_argument("name")
+    prepare.set_defaults(run=_cmd_models_prepare)
     return top
 
 

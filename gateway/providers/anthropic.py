@@ -33,7 +33,7 @@ class AnthropicProvider(Provider):
     async def close(self) -> None:
         await self.transport.close()
 
-    async def complete(self, op: Op, body: dict, timeout: aiohttp.ClientTimeout) -> Completion:
+    async def complete(self, op: Op, body: dict, timeout: aiohttp.ClientTimeout, **_: object) -> Completion:
         if op != "chat":
             return await super().complete(op, body, timeout)
         payload = orjson.dumps(to_messages_request(body, body["model"], self.default_max_tokens))
@@ -44,7 +44,7 @@ class AnthropicProvider(Provider):
         data = from_message(message)
         return Completion(data, None, Usage.from_openai(data["usage"]))
 
-    async def stream(self, op: Op, body: dict, timeout: aiohttp.ClientTimeout) -> ChunkStream:
+    async def stream(self, op: Op, body: dict, timeout: aiohttp.ClientTimeout, **_: object) -> ChunkStream:
         if op != "chat":
             return await super().stream(op, body, timeout)
         payload = orjson.dumps(to_messages_request({**body, "stream": True}, body["model"], self.default_max_tokens))

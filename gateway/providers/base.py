@@ -102,8 +102,13 @@ class Provider:
     def state(self) -> str:
         return "ready"
 
-    async def complete(self, op: Op, body: dict, timeout: aiohttp.ClientTimeout) -> Completion:
+    async def complete(
+        self, op: Op, body: dict, timeout: aiohttp.ClientTimeout, *, request_id: str = "", priority: int = 0
+    ) -> Completion:
         raise UnsupportedOperation(self.name, op)
 
-    async def stream(self, op: Op, body: dict, timeout: aiohttp.ClientTimeout) -> ChunkStream:
+    async def stream(
+        self, op: Op, body: dict, timeout: aiohttp.ClientTimeout, *, request_id: str = "", priority: int = 0
+    ) -> ChunkStream:
+        """Opens a stream. `request_id` and `priority` matter to engines that schedule, not to HTTP upstreams."""
         raise UnsupportedOperation(self.name, op)

@@ -41,12 +41,12 @@ class OpenAIProvider(Provider):
     def url(self, op: Op, body: dict) -> str:
         return f"{self.base_url}/{_PATHS[op]}"
 
-    async def complete(self, op: Op, body: dict, timeout: aiohttp.ClientTimeout) -> Completion:
+    async def complete(self, op: Op, body: dict, timeout: aiohttp.ClientTimeout, **_: object) -> Completion:
         response = await self.transport.post(self.url(op, body), orjson.dumps(body), self.headers, timeout)
         data, raw = await self.transport.read_json(response)
         return Completion(data, raw, Usage.from_openai(data.get("usage")))
 
-    async def stream(self, op: Op, body: dict, timeout: aiohttp.ClientTimeout) -> ChunkStream:
+    async def stream(self, op: Op, body: dict, timeout: aiohttp.ClientTimeout, **_: object) -> ChunkStream:
         if op == "embeddings":
             return await super().stream(op, body, timeout)
         response = await self.transport.post(self.url(op, body), orjson.dumps(body), self.headers, timeout)

@@ -1,0 +1,86 @@
+"""Models served by the vLLM engine inside the gateway, behind the same interface as HTTP upstreams."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import aiohttp
+
+from gateway.providers.base import ChunkStream, Completion, Op, Provider, UpstreamError, Usage
+from policies.schema import EmbeddedProviderConfig
+from runtime import EmbeddedEngine, EngineState, EngineUnavailableError, InvalidRequestError, RuntimeFailure
+
+
+def _failure(name: str, error: RuntimeFailure) -> UpstreamError:
+    if isinstance(error, InvalidRequestError):
+        return UpstreamError("status", str(error), 400, {"message": str(error), "param": error.param})
+    if isinstance(error, EngineUnavailableError):
+        return UpstreamError("connect", f"{name}: {error}")
+    return UpstreamError("invalid", f"{name}: {error}")
+
+
+class EmbeddedProvider(Provider):
+    ops = frozenset({"chat", "completions"})
+
+    def __init__(self, name: str, config: EmbeddedProviderConfig) -> None:
+        super().__init__(name)
+        self.engine = EmbeddedEngine(config.model, config.engine, config.served_model_name)
+        self.eager = config.load == "eager"
+        self._starting: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        # The gateway answers /readyz (not ready) while an eager engine loads, instead of blocking start-up.
+        if self.eager:
+            self._starting = asyncio.get_running_loop().create_task(self._start_engine())
+
+    async def _start_engine(self) -> None:
+        # On failure the engine's status names the cause; /readyz and /v1/models show it.
+        with contextlib.suppress(RuntimeFailure):
+            await self.engine.start()
+
+    async def close(self) -> None:
+        await self.engine.stop()
+
+    @property
+    def state(self) -> str:
+        status = self.engine.status
+        if status.state is EngineState.IDLE:
+            return "lazy"
+        return str(status)
+
+    async def complete(
+        self, op: Op, body: dict, timeout: aiohttp.ClientTimeout, *, request_id: str = "", priority: int = 0
+    ) -> Completion:
+        if op not in self.ops:
+            return await super().complete(op, body, timeout)
+        call = self.engine.chat if op == "chat" else self.engine.completions
+        try:
+            async with asyncio.timeout(timeout.total):
+                data = await call(body, request_id, priority)
+        except TimeoutError:
+            raise UpstreamError("timeout", f"{self.name}: no answer within the timeout") from None
+        except RuntimeFailure as error:
+            raise _failure(self.name, error) from None
+        return Completion(data, None, Usage.from_openai(data.get("usage")))
+
+    async def stream(
+        self, op: Op, body: dict, timeout: aiohttp.ClientTimeout, *, request_id: str = "", priority: int = 0
+    ) -> ChunkStream:
+        if op not in self.ops:
+            return await super().stream(op, body, timeout)
+        opened = (self.engine.stream_chat if op == "chat" else self.engine.stream_completions)(body, request_id, priority)
+        return ChunkStream(self._chunks(opened), lambda: None)
+
+    async def _chunks(self, chunks: AsyncIterator[dict]) -> AsyncIterator[dict]:
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except RuntimeFailure as error:
+            raise _failure(self.name, error) from None
+        finally:
+            # Closing the engine's generator aborts the request, so a client that left frees its KV cache.
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
