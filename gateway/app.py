@@ -14,6 +14,7 @@ from gateway.compiled import ProviderPool
 from gateway.context import GATEWAY, Gateway
 from gateway.errors import GatewayError
 from gateway.handlers import add_routes
+from gateway.inference import InferenceWriter
 from gateway.state import PolicyHolder
 from policies.loader import load_policy
 
@@ -56,6 +57,26 @@ def create_app(policy_path: str | os.PathLike[str]) -> web.Application:
             await watcher
         await pool.close()
 
+    async def shadow_traffic(app: web.Application) -> AsyncIterator[None]:
+        yield
+        # Cleaned up before the providers (cleanup runs in reverse), so running shadows can still finish.
+        await app[GATEWAY].resilience.shadows.close(server.shutdown_timeout_s)
+
+    async def inference_writer(app: web.Application) -> AsyncIterator[None]:
+        config = initial.policy.inference_table
+        if not config.enabled:
+            yield
+            return
+        writer = InferenceWriter.from_config(config)
+        writer.start()
+        app[GATEWAY].writer = writer
+        yield
+        app[GATEWAY].writer = None
+        # In a thread: close() waits for the last batch to be written or spooled.
+        await asyncio.to_thread(writer.close, server.shutdown_timeout_s)
+
+    app.cleanup_ctx.append(inference_writer)
     app.cleanup_ctx.append(policy_and_providers)
+    app.cleanup_ctx.append(shadow_traffic)
     add_routes(app)
     return app

@@ -10,6 +10,7 @@ from policies.loader import PolicyError, load_policy
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from gateway.inference import engine_sharing_problem
     from gateway.server import ServeOptions, serve
 
     try:
@@ -18,11 +19,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(exc.format(), file=sys.stderr)
         return 2
     server = loaded.policy.server
+    table = loaded.policy.inference_table
+    workers = args.workers or server.workers
+    problem = engine_sharing_problem(table.clickhouse, workers) if table.enabled else None
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     options = ServeOptions(
         policy_path=args.policy,
         host=args.host or server.host,
         port=server.port if args.port is None else args.port,
-        workers=args.workers or server.workers,
+        workers=workers,
         shutdown_timeout_s=server.shutdown_timeout_s,
     )
     return serve(options)
@@ -46,6 +53,18 @@ def _cmd_keys_new(args: argparse.Namespace) -> int:
     key_id = args.id or f"{args.user}-{hash_key(key)[:6]}"
     print(f"key (shown once, give it to {args.user}): {key}", file=sys.stderr)
     print(f'  - {{id: {key_id}, sha256: "{hash_key(key)}", user: {args.user}}}')
+    return 0
+
+
+def _cmd_usage(args: argparse.Namespace) -> int:
+    from gateway.inference import report
+
+    try:
+        table = load_policy(args.policy).policy.inference_table
+    except PolicyError as exc:
+        print(exc.format(), file=sys.stderr)
+        return 2
+    print(report(args.clickhouse or table.clickhouse, table.database, args.since, args.until))
     return 0
 
 
@@ -90,6 +109,13 @@ def parser() -> argparse.ArgumentParser:
     keys_new.add_argument("--user", required=True)
     keys_new.add_argument("--id")
     keys_new.set_defaults(run=_cmd_keys_new)
+
+    usage = verbs.add_parser("usage", help="top users, routes, cost and errors from the inference table")
+    usage.add_argument("policy", help="the policy file whose inference_table to read")
+    usage.add_argument("--since", default="24h", help="30m, 24h, 7d, 2w or an ISO time (default 24h)")
+    usage.add_argument("--until", default="now")
+    usage.add_argument("--clickhouse", help="read this DSN instead of the policy's")
+    usage.set_defaults(run=_cmd_usage)
 
     models = verbs.add_parser("models", help="models the embedded runtime can serve").add_subparsers(
         dest="models_verb", required=True)

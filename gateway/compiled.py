@@ -43,6 +43,7 @@ class CompiledPolicy:
     keyring: KeyRing
     routes: dict[str, Route]
     providers: dict[str, Provider]
+    log_payloads: bool
 
 
 def _timeout(config: TimeoutConfig) -> aiohttp.ClientTimeout:
@@ -109,4 +110,6 @@ def compile_policy(loaded: LoadedPolicy, providers: dict[str, Provider]) -> Comp
             timeout = config.timeout or getattr(provider_config, "timeout", None) or TimeoutConfig()
             targets.append(Target(providers[target.provider], target.model or name, target.weight, _timeout(timeout)))
         routes[name] = Route(name, config, tuple(targets))
-    return CompiledPolicy(loaded, loaded.sha256[:12], KeyRing(policy), routes, providers)
+    table = policy.inference_table
+    return CompiledPolicy(loaded, loaded.sha256[:12], KeyRing(policy), routes, providers,
+                          table.enabled and table.log_payloads)

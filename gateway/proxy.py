@@ -9,6 +9,7 @@ from aiohttp import web
 
 from gateway import metrics
 from gateway.compiled import CompiledPolicy
+from gateway.context import GATEWAY
 from gateway.errors import GatewayError, bad_request, model_not_found, unauthorized
 from gateway.exchange import Exchange
 from gateway.providers import Op
@@ -83,13 +84,17 @@ async def serve(request: web.Request, op: Op, policy: CompiledPolicy, ex: Exchan
     ex.route = model
     stream = _validate(body, op)
     ex.streamed = stream
+    if policy.log_payloads:
+        ex.request_payload = body
     headers = {"x-request-id": ex.request_id}
     if stream:
-        upstream = await open_stream(route, op, body, ex)
+        upstream = await open_stream(route, op, body, ex, policy, request.app[GATEWAY].resilience)
         wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         return await relay(request, upstream, ex, wants_usage, headers)
-    completion = await complete(route, op, body, ex)
+    completion = await complete(route, op, body, ex, policy, request.app[GATEWAY].resilience)
     ex.usage = completion.usage
+    if policy.log_payloads:
+        ex.response_payload = completion.body or completion.data
     headers["Content-Type"] = _JSON
     return web.Response(body=completion.body or orjson.dumps(completion.data), headers=headers)
 
@@ -106,5 +111,7 @@ async def handle(request: web.Request, op: Op, policy: CompiledPolicy) -> web.St
         response.headers["x-request-id"] = ex.request_id
     finally:
         metrics.IN_FLIGHT.dec()
-    metrics.observe_request(ex.route or "-", op, ex.status, time.perf_counter() - ex.started)
+    finished = time.perf_counter()
+    metrics.observe_request(ex.route or "-", op, ex.status, finished - ex.started)
+    request.app[GATEWAY].record(ex, finished)
     return response

@@ -1,17 +1,35 @@
-"""Calling a route's targets, and turning upstream failures into answers the client understands."""
+"""Calling a route's targets (split, retries, fallbacks, breakers, shadows); upstream failures mapped for clients."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import random
 import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import cast
 
 from gateway import metrics
-from gateway.compiled import Route, Target
+from gateway.breaker import BreakerRegistry, CircuitBreaker
+from gateway.compiled import CompiledPolicy, Route, Target
 from gateway.errors import GatewayError, bad_request
 from gateway.exchange import Exchange
-from gateway.providers import ChunkStream, Completion, Op, UnsupportedOperation, UpstreamError
+from gateway.providers import ChunkStream, Completion, Op, UnsupportedOperation, UpstreamError, Usage
 from gateway.providers.anthropic_translate import TranslationError
+from gateway.routing import attempt_order, draw_for
+from gateway.shadow import ShadowRunner
+from policies.schema import CircuitBreakerConfig, RetryConfig
 
 _CLIENT_FAULTS = {400, 413, 415, 422}
+
+
+@dataclass(slots=True)
+class Resilience:
+    """What routing keeps for the app's lifetime, across policy versions: breakers and shadow tasks."""
+
+    breakers: BreakerRegistry = field(default_factory=BreakerRegistry)
+    shadows: ShadowRunner = field(default_factory=ShadowRunner)
 
 
 def upstream_failure(err: UpstreamError) -> GatewayError:
@@ -32,13 +50,6 @@ def upstream_failure(err: UpstreamError) -> GatewayError:
     return GatewayError(502, f"{err.detail} (upstream HTTP {status})", "api_error", "upstream_error")
 
 
-def pick_target(route: Route) -> Target:
-    for target in route.targets:
-        if target.weight > 0:
-            return target
-    raise GatewayError(503, f"route {route.name!r} has no target that takes traffic", "api_error", "no_target")
-
-
 def upstream_body(body: dict, target: Target, stream: bool) -> dict:
     out = dict(body)
     out["model"] = target.model
@@ -46,6 +57,11 @@ def upstream_body(body: dict, target: Target, stream: bool) -> dict:
         # Usage must be known for every stream, so it is always asked for upstream.
         out["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
     return out
+
+
+def backoff_s(retry: RetryConfig, retry_number: int) -> float:
+    """Exponential in the retry number, with jitter so clients that failed together do not retry together."""
+    return retry.backoff_ms / 1000 * (1 << (retry_number - 1)) * random.uniform(0.5, 1.0)
 
 
 def _note_attempt(ex: Exchange, target: Target, started: float) -> None:
@@ -58,10 +74,73 @@ def _note_attempt(ex: Exchange, target: Target, started: float) -> None:
     metrics.observe_upstream(target.provider.name, elapsed)
 
 
-async def complete(route: Route, op: Op, body: dict, ex: Exchange) -> Completion:
-    target = pick_target(route)
+class _Primed:
+    """A stream's chunks with the first one already read; failures after it still reach the target's breaker."""
+
+    __slots__ = ("_breaker", "_config", "_first", "_rest")
+
+    def __init__(self, first: dict, rest: AsyncIterator[dict], breaker: CircuitBreaker | None,
+                 config: CircuitBreakerConfig | None) -> None:
+        self._first: dict | None = first
+        self._rest = rest
+        self._breaker = breaker
+        self._config = config
+
+    def __aiter__(self) -> _Primed:
+        return self
+
+    async def __anext__(self) -> dict:
+        first = self._first
+        if first is not None:
+            self._first = None
+            return first
+        if self._breaker is None:
+            return await self._rest.__anext__()
+        try:
+            return await self._rest.__anext__()
+        except UpstreamError:
+            self._breaker.failure(cast(CircuitBreakerConfig, self._config))
+            raise
+
+
+async def _open_primed(target: Target, op: Op, body: dict, breaker: CircuitBreaker | None,
+                       config: CircuitBreakerConfig | None) -> ChunkStream:
+    """Opens the stream and reads its first chunk, so a stream that dies before it is a failure we can still route around."""
+    upstream = await target.provider.stream(op, upstream_body(body, target, True), target.timeout)
+    chunks = upstream.__aiter__()
+    try:
+        first = await chunks.__anext__()
+    except StopAsyncIteration:
+        return upstream
+    except BaseException:
+        await upstream.aclose()
+        raise
+    return ChunkStream(_Primed(first, chunks, breaker, config), upstream.aclose)
+
+
+async def _attempt(target: Target, op: Op, body: dict, ex: Exchange, stream: bool,
+                   breaker: CircuitBreaker | None, config: CircuitBreakerConfig | None) -> Completion | ChunkStream:
     started = time.perf_counter()
     try:
+        if stream:
+            return await _open_primed(target, op, body, breaker, config)
+        return await target.provider.complete(op, upstream_body(body, target, False), target.timeout)
+    finally:
+        _note_attempt(ex, target, started)
+
+
+def _is_direct(route: Route) -> bool:
+    """One live target and nothing to retry or fall back to: called as it is, with no plan and no priming."""
+    config = route.config
+    return (len(route.targets) == 1 and route.targets[0].weight > 0 and not config.fallbacks
+            and config.retry.attempts == 1 and config.circuit_breaker is None)
+
+
+async def _direct(target: Target, op: Op, body: dict, ex: Exchange, stream: bool) -> Completion | ChunkStream:
+    started = time.perf_counter()
+    try:
+        if stream:
+            return await target.provider.stream(op, upstream_body(body, target, True), target.timeout)
         return await target.provider.complete(op, upstream_body(body, target, False), target.timeout)
     except UpstreamError as err:
         raise upstream_failure(err) from None
@@ -71,14 +150,127 @@ async def complete(route: Route, op: Op, body: dict, ex: Exchange) -> Completion
         _note_attempt(ex, target, started)
 
 
-async def open_stream(route: Route, op: Op, body: dict, ex: Exchange) -> ChunkStream:
-    target = pick_target(route)
-    started = time.perf_counter()
+async def _routed(route: Route, op: Op, body: dict, ex: Exchange, routes: Mapping[str, Route],
+                  breakers: BreakerRegistry, stream: bool) -> Completion | ChunkStream:
+    """Tries targets in attempt order, each up to its route's retry attempts, until one answers."""
+    last: UpstreamError | None = None
+    unsupported: UnsupportedOperation | None = None
+    for owner, target in attempt_order(route, routes, draw_for(route, ex)):
+        retry = owner.config.retry
+        config = owner.config.circuit_breaker
+        breaker = breakers.get(owner.name, target.label) if config is not None else None
+        reason = "circuit open"
+        for number in range(retry.attempts):
+            if number:
+                await asyncio.sleep(backoff_s(retry, number))
+            if breaker is not None and not breaker.allow(cast(CircuitBreakerConfig, config)):
+                break
+            try:
+                result = await _attempt(target, op, body, ex, stream, breaker, config)
+            except UpstreamError as err:
+                if err.kind == "status" and err.status in _CLIENT_FAULTS:
+                    if breaker is not None:
+                        breaker.success()
+                    raise upstream_failure(err) from None
+                if breaker is not None:
+                    breaker.failure(cast(CircuitBreakerConfig, config))
+                last, reason = err, str(err.condition)
+                if err.condition not in retry.on:
+                    break
+                continue
+            except UnsupportedOperation as exc:
+                if breaker is not None:
+                    breaker.abandon()
+                unsupported, reason = exc, "unsupported operation"
+                break
+            except TranslationError as exc:
+                if breaker is not None:
+                    breaker.abandon()
+                raise bad_request(str(exc)) from None
+            except BaseException:
+                if breaker is not None:
+                    breaker.abandon()
+                raise
+            if breaker is not None:
+                breaker.success()
+            return result
+        ex.fallbacks.append(f"{target.label} -> {reason}")
+    if last is not None:
+        raise upstream_failure(last)
+    if unsupported is not None:
+        raise bad_request(str(unsupported))
+    if ex.fallbacks:
+        raise GatewayError(503, f"every target of route {route.name!r} is unavailable: circuit breakers are open",
+                           "api_error", "upstream_unavailable")
+    raise GatewayError(503, f"route {route.name!r} has no target that takes traffic", "api_error", "no_target")
+
+
+async def _serve(route: Route, op: Op, body: dict, ex: Exchange, routes: Mapping[str, Route],
+                 breakers: BreakerRegistry, stream: bool) -> Completion | ChunkStream:
+    if _is_direct(route):
+        return await _direct(route.targets[0], op, body, ex, stream)
+    return await _routed(route, op, body, ex, routes, breakers, stream)
+
+
+async def _drain(stream: ChunkStream, ex: Exchange) -> str:
+    parts: list[str] = []
     try:
-        return await target.provider.stream(op, upstream_body(body, target, True), target.timeout)
-    except UpstreamError as err:
-        raise upstream_failure(err) from None
-    except (UnsupportedOperation, TranslationError) as exc:
-        raise bad_request(str(exc)) from None
+        async for chunk in stream:
+            if not ex.first_byte_at:
+                ex.first_byte_at = time.perf_counter()
+            if chunk.get("usage"):
+                ex.usage = Usage.from_openai(chunk["usage"])
+            for choice in chunk.get("choices") or ():
+                delta = choice.get("delta")
+                text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+                if isinstance(text, str):
+                    parts.append(text)
     finally:
-        _note_attempt(ex, target, started)
+        await stream.aclose()
+    return "".join(parts)
+
+
+async def _shadow_call(route: Route, op: Op, body: dict, routes: Mapping[str, Route], breakers: BreakerRegistry,
+                       stream: bool, ex: Exchange) -> None:
+    """The mirrored request, with its own Exchange; its answer is kept for the record and goes nowhere else."""
+    try:
+        result = await _serve(route, op, body, ex, routes, breakers, stream)
+        if isinstance(result, ChunkStream):
+            ex.response_payload = await _drain(result, ex)
+        else:
+            ex.usage, ex.response_payload = result.usage, result.data
+    except UpstreamError as err:
+        failure = upstream_failure(err)
+        ex.status, ex.error_type, ex.error_code = failure.status, failure.type, failure.code or ""
+    except GatewayError as err:
+        ex.status, ex.error_type, ex.error_code = err.status, err.type, err.code or ""
+
+
+def _mirror(route: Route, op: Op, body: dict, ex: Exchange, policy: CompiledPolicy, resilience: Resilience,
+            stream: bool) -> None:
+    shadow = route.config.shadow
+    if shadow is None or not ShadowRunner.wanted(shadow.percent):
+        return
+    shadow_route = policy.routes.get(shadow.route)
+    if shadow_route is None:
+        return
+    shadow_ex = Exchange(ex.endpoint, key_id=ex.key_id, user=ex.user, groups=ex.groups, route=shadow.route,
+                         streamed=stream, request_payload=body, policy_version=ex.policy_version,
+                         is_shadow=True, shadow_of=ex.request_id)
+    call = functools.partial(_shadow_call, shadow_route, op, body, policy.routes, resilience.breakers, stream)
+    resilience.shadows.start(shadow_ex, call)
+
+
+async def complete(route: Route, op: Op, body: dict, ex: Exchange, policy: CompiledPolicy,
+                   resilience: Resilience) -> Completion:
+    if route.config.shadow is not None:
+        _mirror(route, op, body, ex, policy, resilience, False)
+    return cast(Completion, await _serve(route, op, body, ex, policy.routes, resilience.breakers, False))
+
+
+async def open_stream(route: Route, op: Op, body: dict, ex: Exchange, policy: CompiledPolicy,
+                      resilience: Resilience) -> ChunkStream:
+    """Opens the stream; on a route with somewhere to fall back to, its first chunk has already arrived."""
+    if route.config.shadow is not None:
+        _mirror(route, op, body, ex, policy, resilience, True)
+    return cast(ChunkStream, await _serve(route, op, body, ex, policy.routes, resilience.breakers, True))

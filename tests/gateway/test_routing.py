@@ -10,15 +10,12 @@ import sys
 from collections import Counter
 
 import aiohttp
-import openai
-import pytest
 
 from gateway.compiled import Route, Target
 from gateway.providers import Provider
 from gateway.routing import attempt_order, choose, stable_draw
 from policies.schema import RouteConfig, TargetConfig
 from tests.conftest import ADMIN_KEY, ALICE_KEY, BOB_KEY, sdk
-from tests.fakes.openai_upstream import FakeOpenAI
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -83,7 +80,7 @@ providers:
 routes:
   sticky-ab: {{targets: [{{provider: up, model: arm-a, weight: 50}}, {{provider: up, model: arm-b, weight: 50}}],
               sticky: user}}
-  split-70-30: {{targets: [{{provider: up, model: arm-a, weight: 70}}, {{provider: up, model: arm-b, weight: 30}},
+  split-90-10: {{targets: [{{provider: up, model: arm-a, weight: 90}}, {{provider: up, model: arm-b, weight: 10}},
                           {{provider: up, model: arm-drained, weight: 0}}]}}
 """
 
@@ -92,30 +89,16 @@ async def test_through_the_sdk_sticky_users_keep_their_arm_and_splits_follow_wei
     _, upstream = fake_openai
     server = await make_gateway(SPLIT, url=str(upstream.make_url("/v1")))
     for key in (ALICE_KEY, BOB_KEY, ADMIN_KEY):
-        client = sdk(server, key)
-        replies = await asyncio.gather(*(client.chat.completions.create(model="sticky-ab", messages=HI)
-                                         for _ in range(15)))
+        async with sdk(server, key) as client:
+            replies = await asyncio.gather(*(client.chat.completions.create(model="sticky-ab", messages=HI)
+                                             for _ in range(10)))
         assert len({r.model for r in replies}) == 1
-    client = sdk(server)
     models: Counter[str] = Counter()
-    for _ in range(6):
-        replies = await asyncio.gather(*(client.chat.completions.create(model="split-70-30", messages=HI)
-                                         for _ in range(50)))
-        models.update(r.model for r in replies)
-    assert abs(models["arm-a"] / 300 - 0.70) <= 0.10
+    async with sdk(server) as client:
+        for _ in range(4):
+            replies = await asyncio.gather(*(client.chat.completions.create(model="split-90-10", messages=HI)
+                                             for _ in range(50)))
+            models.update(r.model for r in replies)
+    # 200 draws at 90/10: a standard deviation of 2.1 points, so 8 points fails only a broken split.
+    assert abs(models["arm-a"] / 200 - 0.90) <= 0.08
     assert models["arm-drained"] == 0
-
-
-async def test_a_route_with_only_drained_targets_answers_503(make_gateway, aiohttp_server) -> None:
-    fake = FakeOpenAI()
-    upstream = await aiohttp_server(fake.app())
-    server = await make_gateway("""
-providers:
-  up: {{type: openai, base_url: "{url}"}}
-routes:
-  drained: {{targets: [{{provider: up, model: m, weight: 0}}]}}
-""", url=str(upstream.make_url("/v1")))
-    with pytest.raises(openai.APIStatusError) as info:
-        await sdk(server).chat.completions.create(model="drained", messages=HI)
-    assert info.value.status_code == 503 and info.value.code == "no_target"
-    assert fake.requests == []

@@ -1,0 +1,52 @@
+from clickhouse_connect.driver.client import Client
+
+from gateway.inference import COLUMNS, engine_sharing_problem, migrate, to_row, truncate_payload
+from tests.inference.records import make_record
+
+
+def test_missing_fields_become_empty_values() -> None:
+    row = dict(zip(COLUMNS, to_row({"request_id": "r1"}, log_payloads=True, max_payload_bytes=100), strict=True))
+    assert row["request_id"] == "r1"
+    assert row["groups"] == [] and row["metadata"] == {} and row["guardrail_findings"] == []
+    assert row["status"] == 0 and row["latency_ms"] == 0.0 and row["streamed"] is False
+
+
+def test_findings_metadata_and_out_of_range_numbers_are_typed() -> None:
+    record = make_record(
+        guardrail_findings=[{"direction": "in", "entity": "EMAIL_ADDRESS", "action": "mask", "count": 2}],
+        metadata={"tags": ["a"], "n": 1}, attempts=1_000, prompt_tokens=-5, latency_ms=float("nan"),
+    )
+    row = dict(zip(COLUMNS, to_row(record, log_payloads=True, max_payload_bytes=10_000), strict=True))
+    assert row["guardrail_findings"] == [("in", "EMAIL_ADDRESS", "mask", 2)]
+    assert row["metadata"] == {"tags": "['a']", "n": "1"}
+    assert (row["attempts"], row["prompt_tokens"], row["latency_ms"]) == (255, 0, 0.0)
+
+
+def test_truncation_keeps_utf8_valid_and_within_limit() -> None:
+    text, cut = truncate_payload("é" * 1_000, 101)
+    assert cut and len(text.encode()) <= 101 and text.endswith("[truncated by lockgate: 2000 bytes]")
+    assert truncate_payload("short", 101) == ("short", False)
+
+
+def test_migrate_is_versioned_and_idempotent(clickhouse: Client, database: str) -> None:
+    assert migrate(clickhouse, database) == []
+    versions = clickhouse.query(f"SELECT version, name FROM {database}.schema_migrations ORDER BY version")
+    assert versions.result_rows == [(1, "001_inference"), (2, "002_rollups")]
+    tables = clickhouse.query(f"SELECT name, engine FROM system.tables WHERE database = '{database}' ORDER BY name")
+    assert dict(tables.result_rows) == {
+        "inference": "ReplacingMergeTree", "requests_1m": "AggregatingMergeTree",
+        "requests_1m_mv": "MaterializedView", "schema_migrations": "MergeTree",
+    }
+
+
+def test_payload_ttl_follows_policy_after_creation(clickhouse: Client, database: str) -> None:
+    migrate(clickhouse, database, payload_ttl_days=7)
+    ddl = clickhouse.command(f"SHOW CREATE TABLE {database}.inference")
+    assert "response_payload` String CODEC(ZSTD(3)) TTL toDateTime(ts) + toIntervalDay(7)" in ddl.replace("\\n", " ")
+
+
+def test_embedded_engine_with_several_workers_is_refused_with_explanation() -> None:
+    problem = engine_sharing_problem("chdb://var/clickhouse", workers=4)
+    assert problem is not None and "http://" in problem and "workers is 4" in problem
+    assert engine_sharing_problem("chdb://var/clickhouse", workers=1) is None
+    assert engine_sharing_problem("http://u:p@clickhouse:8123", workers=8) is None
