@@ -17,6 +17,7 @@ from gateway.handlers import add_routes
 from gateway.inference import InferenceWriter
 from gateway.state import PolicyHolder
 from policies.loader import load_policy
+from policies.tokens import install_offline_encodings
 
 log = logging.getLogger("lockgate")
 
@@ -49,6 +50,7 @@ def create_app(policy_path: str | os.PathLike[str]) -> web.Application:
     app[GATEWAY] = Gateway(holder)
 
     async def policy_and_providers(app: web.Application) -> AsyncIterator[None]:
+        await asyncio.to_thread(install_offline_encodings)
         await holder.load_initial()
         watcher = asyncio.get_running_loop().create_task(holder.watch(server.watch_interval_s))
         yield
@@ -56,6 +58,7 @@ def create_app(policy_path: str | os.PathLike[str]) -> web.Application:
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
         await pool.close()
+        await holder.stores.close()
 
     async def shadow_traffic(app: web.Application) -> AsyncIterator[None]:
         yield

@@ -43,6 +43,14 @@ def _cmd_check(args: argparse.Namespace) -> int:
         print(f"{len(exc.problems)} problem(s) found", file=sys.stderr)
         return 1
     policy = loaded.policy
+    if args.explain:
+        from policies import explain
+
+        if args.explain not in policy.users:
+            print(f"user {args.explain!r} is not defined under 'users'", file=sys.stderr)
+            return 1
+        print(explain(policy, args.explain))
+        return 0
     print(f"{args.policy}: OK (version {loaded.sha256[:12]}: {len(policy.keys)} keys, {len(policy.users)} users, "
           f"{len(policy.providers)} providers, {len(policy.routes)} routes)")
     return 0
@@ -102,6 +110,7 @@ def parser() -> argparse.ArgumentParser:
 
     check = verbs.add_parser("check", help="validate a policy file and print every problem with its line")
     check.add_argument("policy")
+    check.add_argument("--explain", metavar="USER", help="print which routes USER may call, and why")
     check.set_defaults(run=_cmd_check)
 
     keys = verbs.add_parser("keys", help="issue API keys").add_subparsers(dest="keys_verb", required=True)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from gateway.governance import Governance
 from gateway.providers import Provider, build_provider
 from gateway.providers.http import client_timeout
 from policies.keys import KeyRing
@@ -43,6 +44,7 @@ class CompiledPolicy:
     keyring: KeyRing
     routes: dict[str, Route]
     providers: dict[str, Provider]
+    governance: Governance
     log_payloads: bool
 
 
@@ -100,7 +102,7 @@ class ProviderPool:
         self._live = {}
 
 
-def compile_policy(loaded: LoadedPolicy, providers: dict[str, Provider]) -> CompiledPolicy:
+def compile_policy(loaded: LoadedPolicy, providers: dict[str, Provider], governance: Governance) -> CompiledPolicy:
     policy = loaded.policy
     routes: dict[str, Route] = {}
     for name, config in policy.routes.items():
@@ -111,5 +113,5 @@ def compile_policy(loaded: LoadedPolicy, providers: dict[str, Provider]) -> Comp
             targets.append(Target(providers[target.provider], target.model or name, target.weight, _timeout(timeout)))
         routes[name] = Route(name, config, tuple(targets))
     table = policy.inference_table
-    return CompiledPolicy(loaded, loaded.sha256[:12], KeyRing(policy), routes, providers,
+    return CompiledPolicy(loaded, loaded.sha256[:12], KeyRing(policy), routes, providers, governance,
                           table.enabled and table.log_payloads)

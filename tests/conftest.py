@@ -14,6 +14,9 @@ from gateway.app import create_app
 from policies.keys import hash_key
 from tests.fakes.anthropic_upstream import FakeAnthropic
 from tests.fakes.openai_upstream import FakeOpenAI
+from tests.redis_server import own_redis, redis_server, redis_url
+
+__all__ = ["own_redis", "redis_server", "redis_url"]
 
 ALICE_KEY = "lg-test-alice-key-0001"
 BOB_KEY = "lg-test-bob-key-0002"
@@ -28,6 +31,16 @@ users:
   alice: {{groups: [data-science]}}
   bob: {{groups: [automation]}}
   root: {{groups: [platform]}}
+"""
+
+DEFAULT_RBAC = """
+roles:
+  everything: {models: ["*"]}
+  admin: {models: ["*"], admin: true}
+bindings:
+  - {user: alice, role: everything}
+  - {user: bob, role: everything}
+  - {user: root, role: admin}
 """
 
 GatewayFactory = Callable[..., Awaitable[TestServer]]
@@ -46,8 +59,9 @@ async def fake_anthropic(aiohttp_server) -> tuple[FakeAnthropic, TestServer]:
 
 
 def policy_text(body: str, **urls: str) -> str:
-    """A full policy: the test's own sections plus the standard keys and users."""
-    return "version: 1\n" + KEYS_AND_USERS + textwrap.dedent(body).format(**urls)
+    """A full policy: the test's own sections plus the standard keys, users and (unless given) RBAC."""
+    own = textwrap.dedent(body).format(**urls)
+    return "version: 1\n" + KEYS_AND_USERS + ("" if "\nroles:" in "\n" + own else DEFAULT_RBAC) + own
 
 
 @pytest.fixture

@@ -11,17 +11,17 @@ import pytest
 from policies.keys import KeyRing, hash_key
 from policies.loader import PolicyError, parse_policy
 
-GOOD = """\
+GOOD = f"""\
 version: 1
 keys:
-  - {id: alice-laptop, sha256: "%s", user: alice}
-  - {id: ci-bot, key: "${CI_BOT_KEY}", user: ci-bot}
-users: {alice: {groups: [data-science]}, ci-bot: {groups: [automation]}}
+  - {{id: alice-laptop, sha256: "{hash_key("lg-alice")}", user: alice}}
+  - {{id: ci-bot, key: "${{CI_BOT_KEY}}", user: ci-bot}}
+users: {{alice: {{groups: [data-science]}}, ci-bot: {{groups: [automation]}}}}
 providers:
-  openai: {type: openai, api_key: "${OPENAI_API_KEY}"}
+  openai: {{type: openai, api_key: "${{OPENAI_API_KEY}}"}}
 routes:
-  chat-default: {targets: [{provider: openai, model: gpt-4o-mini}]}
-""" % hash_key("lg-alice")
+  chat-default: {{targets: [{{provider: openai, model: gpt-4o-mini}}]}}
+"""
 
 
 def test_a_good_policy_loads_and_reads_the_environment() -> None:

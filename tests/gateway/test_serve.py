@@ -5,17 +5,16 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import openai
 import pytest
 
 from tests.conftest import ALICE_KEY, policy_text, sdk
 from tests.fakes.openai_upstream import WORDS, FakeOpenAI
+from tests.served import Served, start_gateway
 
 POLICY = """
 server: {{watch_interval_s: 0.2, shutdown_timeout_s: 10}}
@@ -24,46 +23,6 @@ providers:
 routes:
   chat-default: {{targets: [{{provider: up, model: gpt-4o-mini}}]}}
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Served:
-    def __init__(self, process: subprocess.Popen[str], port: int, path: Path) -> None:
-        self.process = process
-        self.port = port
-        self.path = path
-
-    def make_url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def logs(self) -> str:
-        self.process.wait(timeout=30)
-        assert self.process.stderr is not None
-        return self.process.stderr.read()
-
-
-async def _start(path: Path, *args: str) -> Served:
-    port = _free_port()
-    env = {**os.environ, "LOCKGATE_LOG_LEVEL": "DEBUG"}
-    process = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", str(path), "--port", str(port), *args],
-                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
-    served = Served(process, port, path)
-    async with aiohttp.ClientSession() as session:
-        for _ in range(200):
-            try:
-                async with session.get(served.make_url("/readyz")) as resp:
-                    if resp.status == 200:
-                        return served
-            except aiohttp.ClientError:
-                pass
-            assert process.poll() is None, process.stderr.read() if process.stderr else ""
-            await asyncio.sleep(0.1)
-    raise AssertionError("gateway did not become ready")
 
 
 @pytest.fixture
@@ -76,7 +35,7 @@ async def upstream(aiohttp_server):
 async def served(tmp_path: Path, upstream) -> AsyncIterator[Served]:
     path = tmp_path / "policy.yaml"
     path.write_text(policy_text(POLICY, url=str(upstream.make_url("/v1"))))
-    gateway = await _start(path)
+    gateway = await start_gateway(path)
     yield gateway
     if gateway.process.poll() is None:
         gateway.process.terminate()
@@ -144,7 +103,7 @@ async def test_sigterm_drains_an_in_flight_stream(served: Served) -> None:
 async def test_no_secret_reaches_the_logs(served: Served) -> None:
     client = sdk(served)
     await client.chat.completions.create(model="chat-default", messages=[{"role": "user", "content": "hi"}])
-    with pytest.raises(Exception):
+    with pytest.raises(openai.AuthenticationError):
         await sdk(served, key="lg-wrong-key-123456").chat.completions.create(
             model="chat-default", messages=[{"role": "user", "content": "hi"}])
     served.process.send_signal(signal.SIGTERM)
@@ -157,7 +116,7 @@ async def test_no_secret_reaches_the_logs(served: Served) -> None:
 async def test_workers_share_one_port(tmp_path: Path, upstream) -> None:
     path = tmp_path / "policy.yaml"
     path.write_text(policy_text(POLICY, url=str(upstream.make_url("/v1"))))
-    gateway = await _start(path, "--workers", "2")
+    gateway = await start_gateway(path, "--workers", "2")
     try:
         pids = set()
         for _ in range(200):

@@ -1,0 +1,160 @@
+"""Guardrails for one policy version: scan request and response bodies, decide block / mask / flag."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from guardrails.bodies import Op, Path, replace_texts, request_texts, response_texts
+from guardrails.detect import Detector, Span, mask
+from guardrails.engine import DEFAULT_PHONE_REGIONS, warm_up_engines
+
+Action = Literal["block", "mask", "flag", "off"]
+Direction = Literal["input", "output"]
+_ACTIONS = frozenset({"block", "mask", "flag", "off"})
+
+# Presidio holds the GIL for most of its work, so more threads would add queueing, not throughput.
+_WORKERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="guardrails")
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """What the inference record keeps: never the matched value."""
+
+    direction: Direction
+    kind: Literal["pii", "pattern"]
+    entity_type: str
+    action: Action
+    count: int
+    score: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "direction": self.direction, "kind": self.kind, "entity_type": self.entity_type,
+            "action": self.action, "count": self.count, "score": self.score,
+        }
+
+
+@dataclass(slots=True)
+class Verdict:
+    """blocked: refuse (400 on input, end the stream on output); body: masked copy, or the same object."""
+
+    blocked: bool
+    findings: list[Finding]
+    body: Any
+    message: str | None = None
+
+
+def summarize(spans: Sequence[Span], direction: Direction, pii: Action, patterns: Action) -> list[Finding]:
+    grouped: dict[tuple[str, str], tuple[int, float]] = {}
+    for span in spans:
+        count, score = grouped.get((span.kind, span.entity_type), (0, 0.0))
+        grouped[(span.kind, span.entity_type)] = (count + 1, max(score, span.score))
+    return [
+        Finding(direction, kind, entity, pii if kind == "pii" else patterns, count, round(score, 3))  # type: ignore[arg-type]
+        for (kind, entity), (count, score) in sorted(grouped.items())
+    ]
+
+
+def block_message(findings: Sequence[Finding], direction: Direction) -> str | None:
+    blocked = sorted({f.entity_type for f in findings if f.action == "block"})
+    if not blocked:
+        return None
+    where = "the request contains" if direction == "input" else "the response contained"
+    return f"Blocked by content policy: {where} {', '.join(blocked)}."
+
+
+def check_action(action: str) -> None:
+    if action not in _ACTIONS:
+        raise ValueError(f"unknown guardrail action {action!r}; use one of {sorted(_ACTIONS)}")
+
+
+class Guardrails:
+    """Built once per policy version (the Presidio engine underneath is shared across rebuilds).
+
+    The first construction in a process imports Presidio (seconds): build it off the event loop.
+    """
+
+    def __init__(
+        self,
+        entities: Sequence[str],
+        score_threshold: float = 0.5,
+        patterns: Sequence[tuple[str, str]] = (),
+        ner: bool = False,
+        language: str = "en",
+        phone_regions: Sequence[str] = DEFAULT_PHONE_REGIONS,
+        max_pending: int = 64,
+    ) -> None:
+        self.detector = Detector(entities, score_threshold, patterns, ner, language, phone_regions)
+        self._slots = asyncio.Semaphore(max_pending)
+
+    def warm_up(self) -> None:
+        """Run one analysis so the first request does not pay Presidio's first-call cost (blocking)."""
+        warm_up_engines([self.detector.key])
+
+    def scan_text(self, text: str, direction: Direction, pii: Action, patterns: Action) -> Verdict:
+        """Scan one string on the calling thread; Verdict.body is the (masked) text."""
+        fields: list[tuple[Path, str]] = [(("",), text)]
+        verdict = self._judge({"": text}, fields, self._suspects(fields, pii), direction, pii, patterns)
+        verdict.body = verdict.body[""]
+        return verdict
+
+    async def scan_request(self, body: dict[str, Any], op: Op, pii: Action, patterns: Action) -> Verdict:
+        return await self._scan(body, list(request_texts(body, op)), "input", pii, patterns)
+
+    async def scan_response(self, body: dict[str, Any], op: Op, pii: Action, patterns: Action) -> Verdict:
+        return await self._scan(body, list(response_texts(body, op)), "output", pii, patterns)
+
+    async def run_in_worker(self, fn: Any, *args: Any) -> Any:
+        """Run blocking analysis on the guardrail threads; callers wait for a slot when all are taken."""
+        async with self._slots:
+            return await asyncio.get_running_loop().run_in_executor(_WORKERS, fn, *args)
+
+    async def _scan(
+        self, body: dict[str, Any], fields: list[tuple[Path, str]], direction: Direction, pii: Action, patterns: Action
+    ) -> Verdict:
+        check_action(pii)
+        check_action(patterns)
+        if not fields or (pii == "off" and patterns == "off"):
+            return Verdict(False, [], body)
+        suspects = self._suspects(fields, pii)
+        if any(suspects):
+            return await self.run_in_worker(self._judge, body, fields, suspects, direction, pii, patterns)
+        return self._judge(body, fields, suspects, direction, pii, patterns)
+
+    def _suspects(self, fields: Sequence[tuple[Path, str]], pii: Action) -> list[bool]:
+        check_action(pii)
+        if pii == "off":
+            return [False] * len(fields)
+        return [self.detector.may_hold_pii(text) for _, text in fields]
+
+    def _judge(
+        self,
+        body: dict[str, Any],
+        fields: Sequence[tuple[Path, str]],
+        suspects: Sequence[bool],
+        direction: Direction,
+        pii: Action,
+        patterns: Action,
+    ) -> Verdict:
+        check_action(patterns)
+        found: list[tuple[Path, str, list[Span]]] = []
+        for (path, text), suspect in zip(fields, suspects, strict=True):
+            spans = self.detector.find_patterns(text) if patterns != "off" else []
+            if suspect:
+                spans += self.detector.find_pii(text)
+            if spans:
+                found.append((path, text, spans))
+        findings = summarize([s for _, _, spans in found for s in spans], direction, pii, patterns)
+        message = block_message(findings, direction)
+        if message is not None:
+            return Verdict(True, findings, body, message)
+        replacements = {}
+        for path, text, spans in found:
+            to_mask = [s for s in spans if (pii if s.kind == "pii" else patterns) == "mask"]
+            if to_mask:
+                replacements[path] = mask(text, to_mask)
+        return Verdict(False, findings, replace_texts(body, replacements))

@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import tiktoken
+
+from policies.tokens import count_prompt_tokens, count_text_tokens, install_offline_encodings
+
+# OpenAI cookbook "How to count tokens with tiktoken": these messages are 129 prompt tokens for
+# gpt-3.5-turbo and gpt-4 (cl100k_base), as the API reports them.
+COOKBOOK_MESSAGES = [
+    {"role": "system", "content": "You are a helpful, pattern-following assistant that translates corporate jargon "
+                                  "into plain English."},
+    {"role": "system", "name": "example_user", "content": "New synergies will help drive top-line growth."},
+    {"role": "system", "name": "example_assistant", "content": "Things working well together will increase revenue."},
+    {"role": "system", "name": "example_user", "content": "Let's circle back when we have more bandwidth to touch "
+                                                          "base on opportunities for increased leverage."},
+    {"role": "system", "name": "example_assistant", "content": "Let's talk later when we're less busy about how to "
+                                                               "do better."},
+    {"role": "user", "content": "This late pivot means we don't have time to boil the ocean for the client "
+                                "deliverable."},
+]
+
+# The hashes tiktoken checks a cached vocabulary against before it would download it again.
+EXPECTED_SHA256 = {
+    "cl100k_base": "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
+    "o200k_base": "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d",
+}
+
+
+def test_offline_vocabularies_are_written_where_tiktoken_looks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    assert install_offline_encodings() == tmp_path
+    for name, digest in EXPECTED_SHA256.items():
+        url = f"https://openaipublic.blob.core.windows.net/encodings/{name}.tiktoken"
+        cached = tmp_path / hashlib.sha1(url.encode()).hexdigest()
+        assert hashlib.sha256(cached.read_bytes()).hexdigest() == digest
+
+
+def test_chat_prompt_matches_openai_count() -> None:
+    assert count_prompt_tokens("gpt-4", "chat", {"messages": COOKBOOK_MESSAGES}) == 129
+    assert count_prompt_tokens("gpt-3.5-turbo", "chat", {"messages": COOKBOOK_MESSAGES}) == 129
+
+
+def test_chat_counts_content_parts_and_names() -> None:
+    plain = count_prompt_tokens("gpt-4o", "chat", {"messages": [{"role": "user", "content": "Hello there"}]})
+    parts = count_prompt_tokens(
+        "gpt-4o", "chat", {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hello there"}]}]}
+    )
+    named = count_prompt_tokens(
+        "gpt-4o", "chat", {"messages": [{"role": "user", "name": "al", "content": "Hello there"}]}
+    )
+    assert parts == plain
+    assert named == plain + len(tiktoken.get_encoding("o200k_base").encode("al")) + 1
+
+
+def test_completions_and_embeddings_inputs() -> None:
+    one = count_prompt_tokens("gpt-3.5-turbo-instruct", "completions", {"prompt": "Say this is a test"})
+    assert one == len(tiktoken.get_encoding("cl100k_base").encode("Say this is a test"))
+    three = {"prompt": ["Say this is a test"] * 3}
+    assert count_prompt_tokens("gpt-3.5-turbo-instruct", "completions", three) == 3 * one
+    assert count_prompt_tokens("text-embedding-3-small", "embeddings", {"input": [[1, 2, 3], [4, 5]]}) == 5
+    assert count_prompt_tokens("text-embedding-3-small", "embeddings", {"input": "hello world"}) == 2
+
+
+def test_unknown_models_are_estimated_with_o200k() -> None:
+    text = "Bonjour, comment allez-vous aujourd'hui ?"
+    expected = len(tiktoken.get_encoding("o200k_base").encode(text))
+    assert count_text_tokens("SmolLM2-135M-Instruct", text) == expected
+    assert count_prompt_tokens("claude-sonnet-4", "completions", {"prompt": text}) == expected
+
+
+def test_unknown_operation_is_an_error() -> None:
+    with pytest.raises(ValueError, match="unknown operation"):
+        count_prompt_tokens("gpt-4o", "images", {})
