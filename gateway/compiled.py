@@ -9,8 +9,10 @@ from dataclasses import dataclass
 import aiohttp
 
 from gateway.governance import Governance
+from gateway.guarding import RouteGuards, route_guards
 from gateway.providers import Provider, build_provider
 from gateway.providers.http import client_timeout
+from guardrails import Guardrails
 from policies.keys import KeyRing
 from policies.loader import LoadedPolicy
 from policies.schema import RouteConfig, TimeoutConfig
@@ -35,6 +37,7 @@ class Route:
     name: str
     config: RouteConfig
     targets: tuple[Target, ...]
+    guards: RouteGuards
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +48,9 @@ class CompiledPolicy:
     routes: dict[str, Route]
     providers: dict[str, Provider]
     governance: Governance
+    guardrails: Guardrails | None
     log_payloads: bool
+    mask_payloads: bool
 
 
 def _timeout(config: TimeoutConfig) -> aiohttp.ClientTimeout:
@@ -102,8 +107,11 @@ class ProviderPool:
         self._live = {}
 
 
-def compile_policy(loaded: LoadedPolicy, providers: dict[str, Provider], governance: Governance) -> CompiledPolicy:
+def compile_policy(
+    loaded: LoadedPolicy, providers: dict[str, Provider], governance: Governance, guard: Guardrails | None
+) -> CompiledPolicy:
     policy = loaded.policy
+    ner = policy.guardrails.pii.ner
     routes: dict[str, Route] = {}
     for name, config in policy.routes.items():
         targets = []
@@ -111,7 +119,9 @@ def compile_policy(loaded: LoadedPolicy, providers: dict[str, Provider], governa
             provider_config = policy.providers[target.provider]
             timeout = config.timeout or getattr(provider_config, "timeout", None) or TimeoutConfig()
             targets.append(Target(providers[target.provider], target.model or name, target.weight, _timeout(timeout)))
-        routes[name] = Route(name, config, tuple(targets))
+        guards = route_guards(guard, config.guardrails.input, config.guardrails.output, ner)
+        routes[name] = Route(name, config, tuple(targets), guards)
     table = policy.inference_table
-    return CompiledPolicy(loaded, loaded.sha256[:12], KeyRing(policy), routes, providers, governance,
-                          table.enabled and table.log_payloads)
+    log_payloads = table.enabled and table.log_payloads
+    return CompiledPolicy(loaded, loaded.sha256[:12], KeyRing(policy), routes, providers, governance, guard,
+                          log_payloads, log_payloads and table.mask_pii and guard is not None)

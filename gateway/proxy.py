@@ -7,13 +7,13 @@ import time
 import orjson
 from aiohttp import web
 
-from gateway import governance, metrics
+from gateway import governance, guarding, metrics
 from gateway.compiled import CompiledPolicy, Route
 from gateway.context import GATEWAY
 from gateway.errors import GatewayError, bad_request, model_not_found, unauthorized
 from gateway.exchange import Exchange
 from gateway.providers import Op
-from gateway.streaming import relay
+from gateway.streaming import RelayOptions, relay
 from gateway.upstream import complete, open_stream
 from policies.keys import Principal
 
@@ -98,16 +98,27 @@ async def _forward(
     request: web.Request, op: Op, policy: CompiledPolicy, route: Route, body: dict, ex: Exchange,
     headers: dict[str, str],
 ) -> web.StreamResponse:
+    guards = route.guards
+    if guards.check_input:
+        body = await guarding.check_request(guards, op, body, ex)
+        if policy.log_payloads:
+            ex.request_payload = body
     if ex.streamed:
         upstream = await open_stream(route, op, body, ex, policy, request.app[GATEWAY].resilience)
         wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return await relay(request, upstream, ex, wants_usage, headers)
+        scan = guarding.StreamGuard(guards, "content" if op == "chat" else "text") if guards.check_output else None
+        return await relay(request, upstream, ex, RelayOptions(wants_usage, headers, scan, policy.log_payloads))
     completion = await complete(route, op, body, ex, policy, request.app[GATEWAY].resilience)
     ex.usage = completion.usage
+    raw = completion.body
+    if guards.check_output and op != "embeddings":
+        checked = await guarding.check_response(guards, op, completion.data, ex)
+        if checked is not completion.data:
+            completion.data, raw = checked, None
     if policy.log_payloads:
-        ex.response_payload = completion.body or completion.data
+        ex.response_payload = raw or completion.data
     headers["Content-Type"] = _JSON
-    return web.Response(body=completion.body or orjson.dumps(completion.data), headers=headers)
+    return web.Response(body=raw or orjson.dumps(completion.data), headers=headers)
 
 
 async def handle(request: web.Request, op: Op, policy: CompiledPolicy) -> web.StreamResponse:

@@ -34,6 +34,8 @@ def configure_logging() -> None:
         format=f"%(asctime)s %(levelname)s [%(name)s pid={os.getpid()}] %(message)s",
         stream=sys.stderr,
     )
+    # Presidio reports every recognizer of other languages it skips, at each start: noise, not news.
+    logging.getLogger("presidio-analyzer").setLevel(logging.ERROR)
 
 
 async def _serve_worker(options: ServeOptions, reuse_port: bool) -> None:

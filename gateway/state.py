@@ -10,6 +10,7 @@ from pathlib import Path
 from gateway import metrics
 from gateway.compiled import CompiledPolicy, ProviderPool, compile_policy
 from gateway.governance import CounterStores, build_governance
+from gateway.guarding import build_guardrails
 from policies.loader import LoadedPolicy, PolicyError, load_policy
 
 log = logging.getLogger("lockgate.policy")
@@ -65,7 +66,8 @@ class PolicyHolder:
     async def _compile(self, loaded: LoadedPolicy) -> CompiledPolicy:
         store = self.stores.store_for(loaded.policy.limiter)
         governance = await asyncio.to_thread(build_governance, loaded.policy, store)
-        return compile_policy(loaded, await self.pool.sync(loaded), governance)
+        guard = await asyncio.to_thread(build_guardrails, loaded.policy)
+        return compile_policy(loaded, await self.pool.sync(loaded), governance, guard)
 
     def _version(self) -> str:
         return self.current.version if self.current is not None else "none"
