@@ -74,6 +74,7 @@ def create_app(policy_path: str | os.PathLike[str]) -> web.Application:
         writer.start()
         app[GATEWAY].writer = writer
         yield
+        await app[GATEWAY].drain_masking()
         app[GATEWAY].writer = None
         # In a thread: close() waits for the last batch to be written or spooled.
         await asyncio.to_thread(writer.close, server.shutdown_timeout_s)

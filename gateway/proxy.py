@@ -135,5 +135,5 @@ async def handle(request: web.Request, op: Op, policy: CompiledPolicy) -> web.St
         metrics.IN_FLIGHT.dec()
     finished = time.perf_counter()
     metrics.observe_request(ex.route or "-", op, ex.status, finished - ex.started)
-    request.app[GATEWAY].record(ex, finished)
+    request.app[GATEWAY].record(ex, finished, policy)
     return response

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections import deque
 
 import aiohttp
 import orjson
@@ -14,19 +14,57 @@ def event(data: object) -> bytes:
     return b"data: " + orjson.dumps(data) + b"\n\n"
 
 
-async def read_events(content: aiohttp.StreamReader) -> AsyncIterator[tuple[str, bytes]]:
-    """Yields (event name, data) for each SSE event; multi-line data is joined with newlines."""
+def _parse_block(block: bytes) -> tuple[str, bytes] | None:
+    if block.startswith(b"data: ") and b"\n" not in block:
+        return "", block[6:]
     name = ""
     data: list[bytes] = []
-    async for raw in content:
-        line = raw.rstrip(b"\r\n")
-        if not line:
-            if data:
-                yield name, b"\n".join(data)
-            name, data = "", []
-        elif line.startswith(b"data:"):
+    for line in block.split(b"\n"):
+        if line.startswith(b"data:"):
             data.append(line[6:] if line[5:6] == b" " else line[5:])
         elif line.startswith(b"event:"):
             name = line[6:].strip().decode()
-    if data:
-        yield name, b"\n".join(data)
+    return (name, b"\n".join(data)) if data else None
+
+
+class EventReader:
+    """Parses SSE from whatever bytes have arrived, rather than line by line.
+
+    Reading per line costs two reads per event and wakes the transport each time; reading what is
+    there and splitting on blank lines costs one. `buffered` tells a relay that more events are
+    already parsed, so it can send them in one write.
+    """
+
+    def __init__(self, content: aiohttp.StreamReader) -> None:
+        self._content = content
+        self._rest = b""
+        self._events: deque[tuple[str, bytes]] = deque()
+
+    @property
+    def buffered(self) -> bool:
+        return bool(self._events)
+
+    def __aiter__(self) -> EventReader:
+        return self
+
+    async def __anext__(self) -> tuple[str, bytes]:
+        while not self._events:
+            data = await self._content.readany()
+            if not data:
+                last = _parse_block(self._rest.strip(b"\r\n")) if self._rest.strip() else None
+                self._rest = b""
+                if last is None:
+                    raise StopAsyncIteration
+                return last
+            self._split(self._rest + data)
+        return self._events.popleft()
+
+    def _split(self, buffer: bytes) -> None:
+        if b"\r" in buffer:
+            buffer = buffer.replace(b"\r\n", b"\n")
+        blocks = buffer.split(b"\n\n")
+        self._rest = blocks.pop()
+        for block in blocks:
+            parsed = _parse_block(block)
+            if parsed is not None:
+                self._events.append(parsed)

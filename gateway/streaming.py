@@ -46,8 +46,12 @@ class _Transcript:
                 self.finish[index] = choice["finish_reason"]
 
     def payload(self, usage: Usage | None) -> dict:
-        choices = [{"index": i, self.field: "".join(self.texts.get(i, [])), "finish_reason": self.finish.get(i)}
-                   for i in sorted(set(self.texts) | set(self.finish))]
+        """Shaped like the whole answer would have been, so the same masking applies to it."""
+        choices = []
+        for i in sorted(set(self.texts) | set(self.finish)):
+            text = "".join(self.texts.get(i, []))
+            content = {"message": {"role": "assistant", "content": text}} if self.field == "content" else {"text": text}
+            choices.append({"index": i, **content, "finish_reason": self.finish.get(i)})
         return {"streamed": True, "choices": choices,
                 "usage": None if usage is None else {"prompt_tokens": usage.prompt_tokens,
                                                      "completion_tokens": usage.completion_tokens}}
@@ -58,6 +62,7 @@ async def relay(request: web.Request, stream: ChunkStream, ex: Exchange, options
     field = "content" if ex.endpoint == "chat" else "text"
     transcript = _Transcript(field) if options.collect else None
     scan = options.scan
+    pending: list[bytes] = []
     opened = time.perf_counter()
     try:
         await response.prepare(request)
@@ -76,21 +81,26 @@ async def relay(request: web.Request, stream: ChunkStream, ex: Exchange, options
                 raise violation(scan.message)
             if transcript is not None:
                 transcript.add(chunk)
-            await response.write(event(chunk))
+            pending.append(event(chunk))
+            # Chunks that arrived together leave together: one write instead of one per chunk.
+            if not stream.buffered():
+                await response.write(b"".join(pending))
+                pending.clear()
         if scan is not None:
             rest = await scan.finish()
             if scan.message is not None:
                 raise violation(scan.message)
             if rest:
-                await response.write(event({"object": "chat.completion.chunk" if field == "content" else
-                                            "text_completion", "choices": [_rest_choice(field, rest)]}))
-        await response.write(DONE)
+                pending.append(event({"object": "chat.completion.chunk" if field == "content" else
+                                      "text_completion", "choices": [_rest_choice(field, rest)]}))
+        pending.append(DONE)
+        await response.write(b"".join(pending))
     except UpstreamError as err:
-        await _end_with_error(response, ex, upstream_failure(err))
+        await _end_with_error(response, ex, upstream_failure(err), pending)
     except GuardrailError as exc:
-        await _end_with_error(response, ex, failure(exc))
+        await _end_with_error(response, ex, failure(exc), pending)
     except GatewayError as err:
-        await _end_with_error(response, ex, err)
+        await _end_with_error(response, ex, err, pending)
     except ConnectionError:
         ex.status, ex.error_type, ex.error_code = 499, "client_closed", "client_closed_request"
     finally:
@@ -111,7 +121,9 @@ def _rest_choice(field: str, text: str) -> dict:
     return {"index": 0, "text": text, "finish_reason": None}
 
 
-async def _end_with_error(response: web.StreamResponse, ex: Exchange, failure: GatewayError) -> None:
+async def _end_with_error(
+    response: web.StreamResponse, ex: Exchange, failure: GatewayError, pending: list[bytes]
+) -> None:
     ex.status, ex.error_type, ex.error_code = failure.status, failure.type, failure.code or ""
     with contextlib.suppress(ConnectionError):
-        await response.write(event(failure.payload()))
+        await response.write(b"".join(pending) + event(failure.payload()))

@@ -10,6 +10,7 @@ import orjson
 from gateway.providers.anthropic_translate import StreamTranslator, from_message, to_messages_request
 from gateway.providers.base import ChunkStream, Completion, Op, Provider, UpstreamError, Usage
 from gateway.providers.http import HttpTransport
+from gateway.sse import EventReader
 
 
 class AnthropicProvider(Provider):
@@ -49,11 +50,12 @@ class AnthropicProvider(Provider):
             return await super().stream(op, body, timeout)
         payload = orjson.dumps(to_messages_request({**body, "stream": True}, body["model"], self.default_max_tokens))
         response = await self.transport.post(self.url, payload, self.headers, timeout)
-        return ChunkStream(self._chunks(response), response.release)
+        reader = EventReader(response.content)
+        return ChunkStream(self._chunks(response, reader), response.release, lambda: reader.buffered)
 
-    async def _chunks(self, response: aiohttp.ClientResponse) -> AsyncIterator[dict]:
+    async def _chunks(self, response: aiohttp.ClientResponse, reader: EventReader) -> AsyncIterator[dict]:
         translator = StreamTranslator()
-        async for name, data in self.transport.events(response):
+        async for name, data in self.transport.events(response, reader):
             if data is None:
                 continue
             if name == "error" or data.get("type") == "error":

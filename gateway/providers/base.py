@@ -68,9 +68,19 @@ class UnsupportedOperation(Exception):
 class ChunkStream:
     """An opened stream: the upstream accepted the request; iterate for chunk dicts, always aclose()."""
 
-    def __init__(self, chunks: AsyncIterator[dict], on_close: Callable[[], Awaitable[None] | None]) -> None:
+    def __init__(
+        self,
+        chunks: AsyncIterator[dict],
+        on_close: Callable[[], Awaitable[None] | None],
+        buffered: Callable[[], bool] | None = None,
+    ) -> None:
         self._chunks = chunks
         self._on_close = on_close
+        self._buffered = buffered
+
+    def buffered(self) -> bool:
+        """True when the next chunk has already arrived, so a relay may hold its write and send both at once."""
+        return self._buffered is not None and self._buffered()
 
     def __aiter__(self) -> AsyncIterator[dict]:
         return self._chunks

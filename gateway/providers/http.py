@@ -8,7 +8,7 @@ import aiohttp
 import orjson
 
 from gateway.providers.base import UpstreamError
-from gateway.sse import read_events
+from gateway.sse import EventReader
 
 
 def client_timeout(connect_ms: int, first_byte_ms: int, total_ms: int) -> aiohttp.ClientTimeout:
@@ -86,10 +86,12 @@ class HttpTransport:
             raise UpstreamError("invalid", f"{self.provider}: upstream answered 200 with an error: {message}", None, error)
         return data, raw
 
-    async def events(self, response: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, dict | None]]:
+    async def events(
+        self, response: aiohttp.ClientResponse, reader: EventReader
+    ) -> AsyncIterator[tuple[str, dict | None]]:
         """Yields (event name, parsed data) from an SSE body; data is None for `[DONE]`."""
         try:
-            async for name, data in read_events(response.content):
+            async for name, data in reader:
                 if data == b"[DONE]":
                     yield name, None
                     continue

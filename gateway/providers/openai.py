@@ -9,6 +9,7 @@ import orjson
 
 from gateway.providers.base import ChunkStream, Completion, Op, Provider, UpstreamError, Usage
 from gateway.providers.http import HttpTransport
+from gateway.sse import EventReader
 
 _PATHS: dict[str, str] = {"chat": "chat/completions", "completions": "completions", "embeddings": "embeddings"}
 
@@ -53,10 +54,11 @@ class OpenAIProvider(Provider):
         if not response.content_type.startswith("text/event-stream"):
             response.release()
             raise UpstreamError("invalid", f"{self.name}: upstream did not answer with an event stream")
-        return ChunkStream(self._chunks(response), response.release)
+        reader = EventReader(response.content)
+        return ChunkStream(self._chunks(response, reader), response.release, lambda: reader.buffered)
 
-    async def _chunks(self, response: aiohttp.ClientResponse) -> AsyncIterator[dict]:
-        async for _, data in self.transport.events(response):
+    async def _chunks(self, response: aiohttp.ClientResponse, reader: EventReader) -> AsyncIterator[dict]:
+        async for _, data in self.transport.events(response, reader):
             if data is None:
                 return
             if data.get("error"):
