@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import orjson
 from aiohttp import web
@@ -23,6 +24,7 @@ class Gateway:
     def __init__(self, holder: PolicyHolder) -> None:
         self.holder = holder
         self.resilience = Resilience()
+        self.resilience.shadows.record = lambda ex: self.record(ex, time.perf_counter(), self.policy)
         self.writer: InferenceWriter | None = None
         self.masking: set[asyncio.Task[None]] = set()
 

@@ -19,6 +19,7 @@ class Exchange:
     user: str = ""
     groups: tuple[str, ...] = ()
     route: str = ""
+    priority: int = 0
     provider: str = ""
     model: str = ""
     status: int = 200

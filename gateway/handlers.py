@@ -75,10 +75,11 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     policy = _policy(request)
-    waiting = {name: p.state for name, p in policy.providers.items() if p.state not in ("ready", "lazy")}
-    if waiting:
-        return _json({"status": "not ready", "providers": waiting}, 503)
-    return _json({"status": "ready", "policy": policy.version})
+    states = {name: p.state for name, p in policy.providers.items()}
+    engines = {name: {"state": p.state, **p.load()} for name, p in policy.providers.items() if hasattr(p, "load")}
+    if any(state not in ("ready", "lazy") for state in states.values()):
+        return _json({"status": "not ready", "providers": states, "engines": engines}, 503)
+    return _json({"status": "ready", "policy": policy.version, "engines": engines})
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -81,7 +81,7 @@ async def serve(request: web.Request, op: Op, policy: CompiledPolicy, ex: Exchan
     route = policy.routes.get(model)
     if route is None:
         raise model_not_found(model)
-    ex.route = model
+    ex.route, ex.priority = model, route.config.priority
     stream = _validate(body, op)
     ex.streamed = stream
     if policy.log_payloads:

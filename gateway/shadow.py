@@ -24,9 +24,10 @@ Record = Callable[[Exchange], None]
 class ShadowRunner:
     """Owns the shadow tasks of the app; `record` receives each shadow call's Exchange once it finished."""
 
-    def __init__(self, max_in_flight: int = 64, record: Record | None = None) -> None:
+    def __init__(self, max_in_flight: int = 64, record: Record | None = None, start_delay_s: float = 0.005) -> None:
         self.max_in_flight = max_in_flight
         self.record = record
+        self.start_delay_s = start_delay_s
         self._tasks: set[asyncio.Task[None]] = set()
         self._counters: dict[tuple[str, str], object] = {}
 
@@ -61,6 +62,9 @@ class ShadowRunner:
         SHADOW_IN_FLIGHT.dec()
 
     async def _run(self, ex: Exchange, call: Callable[[Exchange], Coroutine[None, None, None]]) -> None:
+        # The shadow is started once the client's answer is in hand, but the handler still has steps to run
+        # (settling limits, writing the response) that may yield; the pause lets them go first (benchmarked).
+        await asyncio.sleep(self.start_delay_s)
         try:
             await call(ex)
         except Exception:

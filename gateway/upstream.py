@@ -103,10 +103,11 @@ class _Primed:
             raise
 
 
-async def _open_primed(target: Target, op: Op, body: dict, breaker: CircuitBreaker | None,
+async def _open_primed(target: Target, op: Op, body: dict, ex: Exchange, breaker: CircuitBreaker | None,
                        config: CircuitBreakerConfig | None) -> ChunkStream:
     """Opens the stream and reads its first chunk, so a stream that dies before it is a failure we can still route around."""
-    upstream = await target.provider.stream(op, upstream_body(body, target, True), target.timeout)
+    upstream = await target.provider.stream(op, upstream_body(body, target, True), target.timeout,
+                                            request_id=ex.request_id, priority=ex.priority)
     chunks = upstream.__aiter__()
     try:
         first = await chunks.__anext__()
@@ -115,7 +116,7 @@ async def _open_primed(target: Target, op: Op, body: dict, breaker: CircuitBreak
     except BaseException:
         await upstream.aclose()
         raise
-    return ChunkStream(_Primed(first, chunks, breaker, config), upstream.aclose)
+    return ChunkStream(_Primed(first, chunks, breaker, config), upstream.aclose, upstream.buffered)
 
 
 async def _attempt(target: Target, op: Op, body: dict, ex: Exchange, stream: bool,
@@ -123,8 +124,9 @@ async def _attempt(target: Target, op: Op, body: dict, ex: Exchange, stream: boo
     started = time.perf_counter()
     try:
         if stream:
-            return await _open_primed(target, op, body, breaker, config)
-        return await target.provider.complete(op, upstream_body(body, target, False), target.timeout)
+            return await _open_primed(target, op, body, ex, breaker, config)
+        return await target.provider.complete(op, upstream_body(body, target, False), target.timeout,
+                                              request_id=ex.request_id, priority=ex.priority)
     finally:
         _note_attempt(ex, target, started)
 
@@ -140,8 +142,10 @@ async def _direct(target: Target, op: Op, body: dict, ex: Exchange, stream: bool
     started = time.perf_counter()
     try:
         if stream:
-            return await target.provider.stream(op, upstream_body(body, target, True), target.timeout)
-        return await target.provider.complete(op, upstream_body(body, target, False), target.timeout)
+            return await target.provider.stream(op, upstream_body(body, target, True), target.timeout,
+                                                request_id=ex.request_id, priority=ex.priority)
+        return await target.provider.complete(op, upstream_body(body, target, False), target.timeout,
+                                              request_id=ex.request_id, priority=ex.priority)
     except UpstreamError as err:
         raise upstream_failure(err) from None
     except (UnsupportedOperation, TranslationError) as exc:
@@ -212,8 +216,11 @@ async def _serve(route: Route, op: Op, body: dict, ex: Exchange, routes: Mapping
     return await _routed(route, op, body, ex, routes, breakers, stream)
 
 
-async def _drain(stream: ChunkStream, ex: Exchange) -> str:
-    parts: list[str] = []
+async def _drain(stream: ChunkStream, ex: Exchange) -> dict:
+    """Reads a shadow stream to its end; returns the answer shaped as the relay records a streamed one."""
+    field = "content" if ex.endpoint == "chat" else "text"
+    texts: dict[int, list[str]] = {}
+    finish: dict[int, str] = {}
     try:
         async for chunk in stream:
             if not ex.first_byte_at:
@@ -221,24 +228,36 @@ async def _drain(stream: ChunkStream, ex: Exchange) -> str:
             if chunk.get("usage"):
                 ex.usage = Usage.from_openai(chunk["usage"])
             for choice in chunk.get("choices") or ():
-                delta = choice.get("delta")
-                text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+                index = int(choice.get("index") or 0)
+                holder = choice.get("delta") if field == "content" else choice
+                text = holder.get(field) if isinstance(holder, dict) else None
                 if isinstance(text, str):
-                    parts.append(text)
+                    texts.setdefault(index, []).append(text)
+                if choice.get("finish_reason"):
+                    finish[index] = choice["finish_reason"]
     finally:
         await stream.aclose()
-    return "".join(parts)
+    choices = []
+    for index in sorted(set(texts) | set(finish)):
+        text = "".join(texts.get(index, ()))
+        answer = {"message": {"role": "assistant", "content": text}} if field == "content" else {"text": text}
+        choices.append({"index": index, **answer, "finish_reason": finish.get(index)})
+    usage = ex.usage
+    return {"streamed": True, "choices": choices, "usage": None if usage is None else {
+        "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}}
 
 
 async def _shadow_call(route: Route, op: Op, body: dict, routes: Mapping[str, Route], breakers: BreakerRegistry,
-                       stream: bool, ex: Exchange) -> None:
+                       stream: bool, log_payloads: bool, ex: Exchange) -> None:
     """The mirrored request, with its own Exchange; its answer is kept for the record and goes nowhere else."""
     try:
         result = await _serve(route, op, body, ex, routes, breakers, stream)
         if isinstance(result, ChunkStream):
-            ex.response_payload = await _drain(result, ex)
+            answer = await _drain(result, ex)
         else:
-            ex.usage, ex.response_payload = result.usage, result.data
+            ex.usage, answer = result.usage, result.data
+        if log_payloads:
+            ex.response_payload = answer
     except UpstreamError as err:
         failure = upstream_failure(err)
         ex.status, ex.error_type, ex.error_code = failure.status, failure.type, failure.code or ""
@@ -255,22 +274,30 @@ def _mirror(route: Route, op: Op, body: dict, ex: Exchange, policy: CompiledPoli
     if shadow_route is None:
         return
     shadow_ex = Exchange(ex.endpoint, key_id=ex.key_id, user=ex.user, groups=ex.groups, route=shadow.route,
-                         streamed=stream, request_payload=body, policy_version=ex.policy_version,
-                         is_shadow=True, shadow_of=ex.request_id)
-    call = functools.partial(_shadow_call, shadow_route, op, body, policy.routes, resilience.breakers, stream)
+                         streamed=stream, request_payload=body if policy.log_payloads else None,
+                         policy_version=ex.policy_version, is_shadow=True, shadow_of=ex.request_id)
+    call = functools.partial(_shadow_call, shadow_route, op, body, policy.routes, resilience.breakers, stream,
+                             policy.log_payloads)
     resilience.shadows.start(shadow_ex, call)
 
 
 async def complete(route: Route, op: Op, body: dict, ex: Exchange, policy: CompiledPolicy,
                    resilience: Resilience) -> Completion:
-    if route.config.shadow is not None:
+    if route.config.shadow is None:
+        return cast(Completion, await _serve(route, op, body, ex, policy.routes, resilience.breakers, False))
+    try:
+        return cast(Completion, await _serve(route, op, body, ex, policy.routes, resilience.breakers, False))
+    finally:
+        # Launched once the client's answer is in hand, so the shadow's first steps never run ahead of it.
         _mirror(route, op, body, ex, policy, resilience, False)
-    return cast(Completion, await _serve(route, op, body, ex, policy.routes, resilience.breakers, False))
 
 
 async def open_stream(route: Route, op: Op, body: dict, ex: Exchange, policy: CompiledPolicy,
                       resilience: Resilience) -> ChunkStream:
     """Opens the stream; on a route with somewhere to fall back to, its first chunk has already arrived."""
-    if route.config.shadow is not None:
+    if route.config.shadow is None:
+        return cast(ChunkStream, await _serve(route, op, body, ex, policy.routes, resilience.breakers, True))
+    try:
+        return cast(ChunkStream, await _serve(route, op, body, ex, policy.routes, resilience.breakers, True))
+    finally:
         _mirror(route, op, body, ex, policy, resilience, True)
-    return cast(ChunkStream, await _serve(route, op, body, ex, policy.routes, resilience.breakers, True))

@@ -85,11 +85,11 @@ class _Reader:
             self.loader.flatten_mapping(node)
             out: dict[object, object] = {}
             for key_node, value_node in node.value:
-                key = self.loader.construct_object(key_node, deep=True)
-                if not isinstance(key, str | int | bool | float) or key is None:
-                    self.problems.append((loc, f"unsupported key {key!r}"))
+                if not isinstance(key_node, yaml.ScalarNode):
+                    self.problems.append((loc, "mapping keys must be plain strings"))
                     continue
-                key = str(key) if not isinstance(key, str) else key
+                # The key's text as written: YAML 1.1 would read `on:` (retry conditions) as True.
+                key = key_node.value
                 if key in out:
                     self.lines[(*loc, key)] = key_node.start_mark.line + 1
                     self.problems.append(((*loc, key), "appears twice in the same mapping"))

@@ -120,7 +120,7 @@ class TargetConfig(Strict):
 class RetryConfig(Strict):
     attempts: int = Field(1, ge=1, le=10, description="tries per target, the first included")
     backoff_ms: int = Field(100, ge=0)
-    on: list[Literal[429, 500, 502, 503, 504, "timeout", "connect", "invalid"]] = [
+    on: list[Literal[429, 500, 502, 503, 504, "timeout", "connect", "reset", "invalid"]] = [
         429, 500, 502, 503, 504, "timeout", "connect",
     ]
 

@@ -19,34 +19,40 @@ def free_port() -> int:
 
 
 class Served:
-    def __init__(self, process: subprocess.Popen[str], port: int, path: Path) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], port: int, path: Path, log_path: Path) -> None:
         self.process = process
         self.port = port
         self.path = path
+        self.log_path = log_path
 
     def make_url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
     def logs(self) -> str:
-        self.process.wait(timeout=30)
-        assert self.process.stderr is not None
-        return self.process.stderr.read()
+        """Everything the gateway logged; waits for it to exit first."""
+        self.process.wait(timeout=60)
+        return self.log_path.read_text(errors="replace")
 
 
-async def start_gateway(path: Path, *args: str) -> Served:
+async def start_gateway(path: Path, *args: str, ready_timeout_s: float = 20.0) -> Served:
+    """Starts `lockgate serve` and waits until /readyz answers 200; its log goes to a file beside the policy."""
     port = free_port()
     env = {**os.environ, "LOCKGATE_LOG_LEVEL": "DEBUG"}
-    process = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", str(path), "--port", str(port), *args],
-                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
-    served = Served(process, port, path)
+    log_path = path.with_suffix(f".{port}.log")
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", str(path), "--port", str(port), *args],
+                                   stderr=log, stdout=subprocess.DEVNULL, env=env)
+    served = Served(process, port, path, log_path)
+    deadline = asyncio.get_running_loop().time() + ready_timeout_s
     async with aiohttp.ClientSession() as session:
-        for _ in range(200):
+        while asyncio.get_running_loop().time() < deadline:
             try:
                 async with session.get(served.make_url("/readyz")) as resp:
                     if resp.status == 200:
                         return served
             except aiohttp.ClientError:
                 pass
-            assert process.poll() is None, process.stderr.read() if process.stderr else ""
+            assert process.poll() is None, log_path.read_text(errors="replace")[-4000:]
             await asyncio.sleep(0.1)
-    raise AssertionError("gateway did not become ready")
+    process.kill()
+    raise AssertionError(f"gateway did not become ready: {log_path.read_text(errors='replace')[-4000:]}")

@@ -22,7 +22,7 @@ def _failure(name: str, error: RuntimeFailure) -> UpstreamError:
 
 
 class EmbeddedProvider(Provider):
-    ops = frozenset({"chat", "completions"})
+    ops = frozenset({"chat", "completions", "embeddings"})
 
     def __init__(self, name: str, config: EmbeddedProviderConfig) -> None:
         super().__init__(name)
@@ -43,6 +43,10 @@ class EmbeddedProvider(Provider):
     async def close(self) -> None:
         await self.engine.stop()
 
+    def load(self) -> dict[str, float]:
+        load = self.engine.load
+        return {"running": load.running, "waiting": load.waiting, "kv_cache_usage": load.kv_cache_usage}
+
     @property
     def state(self) -> str:
         status = self.engine.status
@@ -55,7 +59,8 @@ class EmbeddedProvider(Provider):
     ) -> Completion:
         if op not in self.ops:
             return await super().complete(op, body, timeout)
-        call = self.engine.chat if op == "chat" else self.engine.completions
+        call = {"chat": self.engine.chat, "completions": self.engine.completions,
+                "embeddings": self.engine.embeddings}[op]
         try:
             async with asyncio.timeout(timeout.total):
                 data = await call(body, request_id, priority)
@@ -68,7 +73,7 @@ class EmbeddedProvider(Provider):
     async def stream(
         self, op: Op, body: dict, timeout: aiohttp.ClientTimeout, *, request_id: str = "", priority: int = 0
     ) -> ChunkStream:
-        if op not in self.ops:
+        if op == "embeddings":
             return await super().stream(op, body, timeout)
         opened = (self.engine.stream_chat if op == "chat" else self.engine.stream_completions)(body, request_id, priority)
         return ChunkStream(self._chunks(opened), lambda: None)

@@ -11,51 +11,48 @@ from collections import Counter
 
 import aiohttp
 
-from gateway.compiled import Route, Target
+from gateway.compiled import Target
+from gateway.context import GATEWAY
 from gateway.providers import Provider
 from gateway.routing import attempt_order, choose, stable_draw
-from policies.schema import RouteConfig, TargetConfig
 from tests.conftest import ADMIN_KEY, ALICE_KEY, BOB_KEY, sdk
 
 HI = [{"role": "user", "content": "hi"}]
 
 
-def _route(name: str, weights: dict[str, float], fallbacks: tuple[str, ...] = ()) -> Route:
+def _targets(weights: dict[str, float]) -> tuple[Target, ...]:
     provider = Provider("up")
-    targets = tuple(Target(provider, model, weight, aiohttp.ClientTimeout()) for model, weight in weights.items())
-    config = RouteConfig(targets=[TargetConfig(provider="up", model=m, weight=w) for m, w in weights.items()],
-                         fallbacks=list(fallbacks))
-    return Route(name, config, targets)
+    return tuple(Target(provider, model, weight, aiohttp.ClientTimeout()) for model, weight in weights.items())
 
 
-def _shares(route: Route, draws: list[float]) -> dict[str, float]:
-    counts = Counter(route.targets[choose(route.targets, d)].model for d in draws)
-    return {model: counts[model] / len(draws) for model in (t.model for t in route.targets)}
+def _shares(targets: tuple[Target, ...], draws: list[float]) -> dict[str, float]:
+    counts = Counter(targets[choose(targets, d)].model for d in draws)
+    return {model: counts[model] / len(draws) for model in (t.model for t in targets)}
 
 
 def test_split_shares_follow_the_weights_over_2000_requests() -> None:
     rng = random.Random(7)
     draws = [rng.random() for _ in range(2000)]
-    shares = _shares(_route("chat", {"gpt-4o-mini": 90, "local": 10}), draws)
+    shares = _shares(_targets({"gpt-4o-mini": 90, "local": 10}), draws)
     assert abs(shares["gpt-4o-mini"] - 0.90) <= 0.03 and abs(shares["local"] - 0.10) <= 0.03
-    shares = _shares(_route("chat", {"a": 5, "b": 3, "drained": 0, "c": 2}), draws)
+    shares = _shares(_targets({"a": 5, "b": 3, "drained": 0, "c": 2}), draws)
     assert abs(shares["a"] - 0.5) <= 0.03 and abs(shares["b"] - 0.3) <= 0.03 and abs(shares["c"] - 0.2) <= 0.03
     assert shares["drained"] == 0
 
 
 def test_sticky_users_spread_by_the_weights_and_never_switch() -> None:
-    route = _route("chat-default", {"gpt-4o-mini": 90, "local": 10})
+    targets = _targets({"gpt-4o-mini": 90, "local": 10})
     users = [f"user-{i}" for i in range(2000)]
-    shares = _shares(route, [stable_draw(route.name, u) for u in users])
+    shares = _shares(targets, [stable_draw("chat-default", u) for u in users])
     assert abs(shares["local"] - 0.10) <= 0.03
-    arms = [choose(route.targets, stable_draw(route.name, u)) for u in users]
-    assert arms == [choose(route.targets, stable_draw(route.name, u)) for u in users]
+    arms = [choose(targets, stable_draw("chat-default", u)) for u in users]
+    assert arms == [choose(targets, stable_draw("chat-default", u)) for u in users]
 
 
 def test_drained_targets_take_no_traffic_even_at_the_edges() -> None:
-    route = _route("chat", {"drained-first": 0, "live": 1, "drained-last": 0})
-    assert {choose(route.targets, d) for d in (0.0, 0.5, 0.999999999)} == {1}
-    assert choose(_route("chat", {"a": 0, "b": 0}).targets, 0.3) == -1
+    targets = _targets({"drained-first": 0, "live": 1, "drained-last": 0})
+    assert {choose(targets, d) for d in (0.0, 0.5, 0.999999999)} == {1}
+    assert choose(_targets({"a": 0, "b": 0}), 0.3) == -1
 
 
 def test_sticky_arm_is_the_same_in_another_process_with_another_hash_seed() -> None:
@@ -66,11 +63,22 @@ def test_sticky_arm_is_the_same_in_another_process_with_another_hash_seed() -> N
     assert stable_draw("chat-default", "alice") != stable_draw("chat-other", "alice")
 
 
-def test_attempt_order_is_arm_then_siblings_then_fallback_routes() -> None:
-    chat = _route("chat", {"a": 1, "drained": 0, "b": 1, "c": 1}, fallbacks=("small",))
-    small = _route("small", {"s1": 1, "s2": 1})
-    routes = {"chat": chat, "small": small}
-    order = [(r.name, t.model) for r, t in attempt_order(chat, routes, 0.5)]
+ORDER = """
+providers:
+  up: {{type: openai, base_url: "{url}"}}
+routes:
+  chat: {{targets: [{{provider: up, model: a}}, {{provider: up, model: drained, weight: 0}}, {{provider: up, model: b}},
+                   {{provider: up, model: c}}], fallbacks: [small]}}
+  small: {{targets: [{{provider: up, model: s1}}, {{provider: up, model: s2}}], fallbacks: [chat]}}
+"""
+
+
+async def test_attempt_order_is_arm_then_siblings_then_fallback_routes(make_gateway, fake_openai) -> None:
+    _, upstream = fake_openai
+    server = await make_gateway(ORDER, url=str(upstream.make_url("/v1")))
+    routes = server.app[GATEWAY].policy.routes
+    order = [(r.name, t.model) for r, t in attempt_order(routes["chat"], routes, 0.5)]
+    # Drained targets are never tried, and a fallback route's own fallbacks are not followed (no cycles).
     assert order == [("chat", "b"), ("chat", "a"), ("chat", "c"), ("small", "s2"), ("small", "s1")]
 
 

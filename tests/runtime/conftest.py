@@ -1,0 +1,42 @@
+"""One real vLLM engine on the CPU, started once for the whole test run, serving the small catalog model."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from runtime import EmbeddedEngine, prepare_model
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL_NAME = "smollm2-135m-instruct"
+MODEL_DIR = REPO / "var" / "models"
+MAX_MODEL_LEN = 1024
+# Two sequences at a time makes queueing (and so priority order) observable with short answers.
+MAX_NUM_SEQS = 2
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    """The prepared model folder; converted on the first run, reused from var/models afterwards."""
+    return prepare_model(MODEL_NAME, MODEL_DIR / MODEL_NAME)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def engine(model_path: Path) -> AsyncIterator[EmbeddedEngine]:
+    served = EmbeddedEngine(
+        str(model_path), {"max_model_len": MAX_MODEL_LEN, "max_num_seqs": MAX_NUM_SEQS}, served_model_name="small"
+    )
+    await served.start()
+    yield served
+    await served.stop()
