@@ -3,10 +3,11 @@
 from gateway.inference.rows import COLUMNS, to_row, truncate_payload
 from gateway.inference.store import connect, engine_sharing_problem, migrate
 from gateway.inference.usage import report
-from gateway.inference.writer import InferenceWriter
+from gateway.inference.writer import InferenceQueryError, InferenceWriter
 
 __all__ = [
     "COLUMNS",
+    "InferenceQueryError",
     "InferenceWriter",
     "connect",
     "engine_sharing_problem",

@@ -16,6 +16,7 @@ class WriterMetrics:
     rows_failed: Counter
     rows_spooled: Counter
     rows_dropped: Counter
+    process_restarts: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> WriterMetrics:
@@ -32,5 +33,9 @@ class WriterMetrics:
             rows_spooled=Counter(f"{prefix}rows_spooled", "Rows written to the disk spool", registry=registry),
             rows_dropped=Counter(
                 f"{prefix}rows_dropped", "Rows set aside on purpose, by reason", ["reason"], registry=registry
+            ),
+            process_restarts=Counter(
+                f"{prefix}process_restarts", "Times the writer process ended unexpectedly and was started again",
+                registry=registry,
             ),
         )

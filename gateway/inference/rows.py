@@ -7,6 +7,8 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 COLUMNS: tuple[str, ...] = (
     "request_id", "ts", "key_id", "user", "groups", "route", "provider", "model", "endpoint", "status",
     "error_type", "error_code", "streamed", "prompt_tokens", "completion_tokens", "cached_tokens",
@@ -53,6 +55,20 @@ def truncate_payload(payload: str, max_bytes: int) -> tuple[str, bool]:
     return encoded[:keep].decode("utf-8", "ignore") + marker, True
 
 
+def payload_text(payload: Any) -> str:
+    """A payload as stored: text as it is, bytes decoded as UTF-8, anything else (a dict, a list) as JSON."""
+    if payload is None:
+        return ""
+    if isinstance(payload, str):
+        return payload
+    if isinstance(payload, bytes | bytearray | memoryview):
+        return bytes(payload).decode("utf-8", "replace")
+    try:
+        return orjson.dumps(payload, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+    except orjson.JSONEncodeError:
+        return str(payload)
+
+
 def _findings(raw: Any) -> list[tuple[str, str, str, int]]:
     if not isinstance(raw, Iterable):
         return []
@@ -84,7 +100,7 @@ def to_row(record: Mapping[str, Any], *, log_payloads: bool, max_payload_bytes: 
     values["metadata"] = {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, Mapping) else {}
     truncated = False
     for name in ("request_payload", "response_payload"):
-        payload = str(record.get(name) or "") if log_payloads else ""
+        payload = payload_text(record.get(name)) if log_payloads else ""
         values[name], cut = truncate_payload(payload, max_payload_bytes)
         truncated = truncated or cut
     values["payload_truncated"] = truncated

@@ -1,41 +1,78 @@
-"""The background writer: records in, batched inserts out, a disk spool in between when ClickHouse is away."""
+"""The gateway's side of the inference-table writer: records in, batches out to the writer process or the spool.
+
+ClickHouse work (row encoding, inserts, migrations, spool replay) runs in a separate process (`child.py`), so a
+slow or absent ClickHouse, or the chdb engine's own CPU time, never holds this process's GIL. Here, `submit()`
+appends to a deque; a feeder thread serializes batches in small frames (one short orjson call each) and sends them
+down a pipe; a receiver thread per writer process reads its acks. A batch stays in memory until acked, and goes to
+the spool when the process refuses it, dies, or hangs, so nothing is lost and a replay carries the same records
+(and so the same dedup token) as the first try.
+"""
 
 from __future__ import annotations
 
+import itertools
 import logging
-import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from clickhouse_connect.driver.client import Client
-from clickhouse_connect.driver.exceptions import DataError
 from prometheus_client import REGISTRY, CollectorRegistry
 
+from gateway.inference.child import BATCH, BATCH_HEADER, FLUSH, GOODBYE, QUERY, REQUEST_ID, ChildOptions
 from gateway.inference.metrics import WriterMetrics
-from gateway.inference.rows import COLUMNS, batch_token, to_row
+from gateway.inference.process import WriterProcess
 from gateway.inference.spool import Spool
-from gateway.inference.store import DEDUP_SETTINGS, connect, migrate
+from gateway.inference.wire import FRAME_ROWS, decode_frames, encode_frame
 
 if TYPE_CHECKING:
     from policies.schema import InferenceTableConfig
 
 log = logging.getLogger(__name__)
 
-MIN_RETRY_S = 0.5
-MAX_RETRY_S = 30.0
-# Errors that say the batch itself cannot be encoded: replaying it would fail forever and block the spool.
-POISON_ERRORS = (DataError, TypeError, ValueError, OverflowError)
+# Batches sent and not yet acked: enough to keep the process busy, few enough that a crash spools little.
+WINDOW = 4
+MIN_RESTART_S = 0.5
+MAX_RESTART_S = 30.0
+# A batch unacked this long means the process hangs (one insert is bounded by the client's 30 s timeout).
+HUNG_S = 120.0
+EXIT_GRACE_S = 10.0
+
+
+class InferenceQueryError(RuntimeError):
+    """A query through the writer process failed: ClickHouse is unavailable, the SQL failed, or no process runs."""
+
+
+@dataclass
+class _Batch:
+    frames: list[bytes]
+    rows: int
+    sent_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Flush:
+    target: int
+    done: threading.Event = field(default_factory=threading.Event)
+    sent_to: WriterProcess | None = None
+
+
+@dataclass
+class _Query:
+    done: threading.Event = field(default_factory=threading.Event)
+    rows: list[tuple[Any, ...]] | None = None
+    error: str | None = None
 
 
 class InferenceWriter:
-    """Owns one writer thread and one spill thread; `submit()` only appends to an in-memory deque.
+    """`submit()` only appends to an in-memory deque: no I/O, no serialization, no lock held for long.
 
-    Rows land exactly once: each insert carries a dedup token derived from its batch's request ids,
-    and a spooled batch is replayed as the same batch, so a retry of an insert that did land is discarded.
+    Rows land exactly once: each insert carries a dedup token derived from its batch's request ids, and a
+    spooled batch is replayed as the same batch, so a retry of an insert that did land is discarded.
     """
 
     def __init__(
@@ -55,13 +92,11 @@ class InferenceWriter:
     ) -> None:
         self.dsn = dsn
         self.database = database
-        self._log_payloads = log_payloads
-        self._max_payload_bytes = max_payload_bytes
-        self._payload_ttl_days = payload_ttl_days
         self._batch_rows = batch_rows
         self._interval_s = flush_interval_ms / 1000.0
         self._queue_max = queue_max
-        self._connect = connect_client or (lambda: connect(dsn))
+        self._options = ChildOptions(dsn, database, log_payloads, max_payload_bytes, payload_ttl_days,
+                                     str(spool_dir), self._interval_s, connect_client)
         self.spool = Spool(spool_dir)
         self.registry = REGISTRY if registry is None else registry
         self.metrics = WriterMetrics.create(self.registry)
@@ -69,15 +104,24 @@ class InferenceWriter:
         self.metrics.spool_bytes.set_function(lambda: self.spool.bytes)
         self.metrics.spool_rows.set_function(lambda: self.spool.rows)
         self._queue: deque[dict[str, Any]] = deque()
+        self._spills: deque[deque[dict[str, Any]]] = deque()
         self._submit_lock = threading.Lock()
-        self._spills: queue.Queue[deque[dict[str, Any]] | None] = queue.Queue()
+        self._submitted = 0
+        self._taken = 0
         self._wake = threading.Event()
         self._stopping = threading.Event()
-        self._flush_waiters: deque[threading.Event] = deque()
-        self._client: Client | None = None
-        self._retry_at = 0.0
-        self._retry_s = MIN_RETRY_S
-        self._threads: list[threading.Thread] = []
+        # Guards the process handle, the batches in flight, and the flush and query waiters.
+        self._lock = threading.Lock()
+        self._process: WriterProcess | None = None
+        self._in_flight: dict[int, _Batch] = {}
+        self._flushes: list[_Flush] = []
+        self._flush_ids: dict[int, _Flush] = {}
+        self._queries: dict[int, _Query] = {}
+        self._ids = itertools.count(1)
+        self._connected = False
+        self._restart_at = 0.0
+        self._restart_s = MIN_RESTART_S
+        self._feeder: threading.Thread | None = None
 
     @classmethod
     def from_config(cls, config: InferenceTableConfig, registry: CollectorRegistry | None = None) -> InferenceWriter:
@@ -94,190 +138,292 @@ class InferenceWriter:
 
     @property
     def connected(self) -> bool:
-        return self._client is not None
+        """Whether the writer process holds a working ClickHouse connection, as it last reported."""
+        return self._connected
+
+    @property
+    def pid(self) -> int | None:
+        process = self._process
+        return process.pid if process is not None else None
 
     def start(self) -> None:
-        if self._threads:
+        if self._feeder is not None:
             return
-        self._threads = [
-            threading.Thread(target=self._write_loop, name="lockgate-inference-writer", daemon=True),
-            threading.Thread(target=self._spill_loop, name="lockgate-inference-spill", daemon=True),
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._spawn()
+        self._feeder = threading.Thread(target=self._feed_loop, name="lockgate-inference-feeder", daemon=True)
+        self._feeder.start()
 
     def submit(self, record: dict[str, Any]) -> None:
-        """Queue one record; never blocks on I/O. A full queue is handed whole to the spill thread."""
+        """Queue one record; never blocks on I/O. A full queue is handed whole to the feeder to spool."""
         with self._submit_lock:
             pending = self._queue
             pending.append(record)
+            self._submitted += 1
             depth = len(pending)
             if depth >= self._queue_max:
                 self._queue = deque()
-                self._spills.put(pending)
-        if depth % self._batch_rows == 0:
+                self._spills.append(pending)
+        if depth % self._batch_rows == 0 or depth >= self._queue_max:
             self._wake.set()
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every record submitted so far is in ClickHouse or the spool; also retries the spool now."""
-        deadline = time.monotonic() + timeout
-        done = threading.Event()
-        self._flush_waiters.append(done)
-        self._retry_at = 0.0
+        request = _Flush(self._submitted)
+        with self._lock:
+            self._flushes.append(request)
+            self._restart_at = 0.0
         self._wake.set()
-        if not done.wait(timeout):
-            return False
-        return self._wait_spills(deadline)
+        if request.done.wait(timeout):
+            return True
+        with self._lock:
+            if request in self._flushes:
+                self._flushes.remove(request)
+        return request.done.is_set()
+
+    def query(self, sql: str, timeout: float = 30.0) -> list[tuple[Any, ...]]:
+        """Rows of one query run by the writer process, which owns a chdb engine: the way to read it meanwhile."""
+        request = _Query()
+        with self._lock:
+            process = self._process
+            query_id = next(self._ids)
+            self._queries[query_id] = request
+        try:
+            if process is None:
+                raise InferenceQueryError("the inference writer process is not running")
+            try:
+                process.send([QUERY + REQUEST_ID.pack(query_id) + sql.encode()])
+            except (OSError, ValueError):
+                raise InferenceQueryError("the inference writer process exited") from None
+            if not request.done.wait(timeout):
+                raise InferenceQueryError(f"no answer from the inference writer process within {timeout:g} s")
+        finally:
+            with self._lock:
+                self._queries.pop(query_id, None)
+        if request.rows is None:
+            raise InferenceQueryError(request.error or "the inference writer process exited")
+        return request.rows
 
     def close(self, timeout: float = 30.0) -> bool:
-        """Stop the threads after writing everything queued; whatever they could not finish goes to the spool."""
+        """Write or spool everything queued, then end the writer process; True when it all went in order."""
         deadline = time.monotonic() + timeout
         self._stopping.set()
         self._wake.set()
-        self._spills.put(None)
-        for thread in self._threads:
-            thread.join(max(deadline - time.monotonic(), 0.0))
-        finished = not any(thread.is_alive() for thread in self._threads)
-        with self._submit_lock:
-            leftover, self._queue = self._queue, deque()
-        if leftover and finished:
-            self._spool_batch(list(leftover))
-        if self._client is not None and finished:
-            self._client.close()
-            self._client = None
-        return finished and not leftover
+        feeder = self._feeder
+        if feeder is None:
+            self._spool_everything()
+            return True
+        feeder.join(max(deadline - time.monotonic(), 0.0))
+        clean = not feeder.is_alive()
+        if not clean:
+            # The process hangs on ClickHouse: kill it, its batches in flight are spooled, the feeder spools the rest.
+            process = self._process
+            if process is not None:
+                process.kill()
+            feeder.join(EXIT_GRACE_S)
+        return clean and not feeder.is_alive()
 
-    def _wait_spills(self, deadline: float) -> bool:
-        while self._spills.unfinished_tasks:
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.005)
-        return True
-
-    def _write_loop(self) -> None:
-        last_flush = time.monotonic()
-        while True:
-            self._wake.wait(max(last_flush + self._interval_s - time.monotonic(), 0.0))
-            self._wake.clear()
-            waiters = [self._flush_waiters.popleft() for _ in range(len(self._flush_waiters))]
-            stopping = self._stopping.is_set()
-            drain_all = bool(waiters) or stopping or time.monotonic() >= last_flush + self._interval_s
-            self._ensure_client()
-            self._replay_spool()
-            self._drain(drain_all)
-            self._replay_spool()
-            if drain_all:
-                last_flush = time.monotonic()
-            for waiter in waiters:
-                waiter.set()
-            if stopping:
-                return
-
-    def _spill_loop(self) -> None:
-        while (pending := self._spills.get()) is not None:
-            try:
-                while batch := _pop_up_to(pending, self._batch_rows):
-                    self._spool_batch(batch)
-            finally:
-                self._spills.task_done()
-        self._spills.task_done()
-
-    def _drain(self, drain_all: bool) -> None:
-        while len(self._queue) >= self._batch_rows or (drain_all and self._queue):
-            batch = _pop_up_to(self._queue, self._batch_rows)
-            if batch and not self._insert_or_spool(batch):
-                return
-
-    def _insert_or_spool(self, batch: list[dict[str, Any]]) -> bool:
-        if self._client is not None and self.spool.rows == 0:
-            try:
-                self._insert(batch)
-                return True
-            except POISON_ERRORS:
-                log.exception("inference batch of %d rows could not be encoded; spooling it", len(batch))
-            except Exception as error:
-                self._lost_connection(error)
-            self.metrics.rows_failed.inc(len(batch))
-        return self._spool_batch(batch)
-
-    def _spool_batch(self, batch: list[dict[str, Any]]) -> bool:
+    def _spawn(self) -> None:
         try:
-            self.spool.write(batch)
+            process = WriterProcess.start(self._options, self._on_message, self._on_exit, self._is_hung)
         except OSError:
-            log.exception("inference spool %s is not writable; keeping %d rows in memory", self.spool.directory,
-                          len(batch))
-            with self._submit_lock:
-                self._queue.extendleft(reversed(batch))
-            return False
-        self.metrics.rows_spooled.inc(len(batch))
+            log.exception("cannot start the inference writer process; spooling to %s", self.spool.directory)
+            with self._lock:
+                self._restart_at = time.monotonic() + self._restart_s
+                self._restart_s = min(self._restart_s * 2, MAX_RESTART_S)
+            return
+        with self._lock:
+            self._process = process
+
+    def _feed_loop(self) -> None:
+        last_flush = time.monotonic()
+        blocked = False
+        while True:
+            # Blocked (window full, disk refusing): wait for an ack or the next interval, never spin.
+            due = self._interval_s if blocked else last_flush + self._interval_s - time.monotonic()
+            self._wake.wait(max(due, 0.0))
+            self._wake.clear()
+            stopping = self._stopping.is_set()
+            if self._process is None and not stopping and time.monotonic() >= self._restart_at:
+                self._spawn()
+            drain_all = stopping or bool(self._flushes) or time.monotonic() >= last_flush + self._interval_s
+            blocked = not (self._spool_spills() and self._drain(drain_all))
+            if drain_all and not blocked:
+                last_flush = time.monotonic()
+            self._advance_flushes()
+            if stopping and not self._queue and not self._spills and not self._in_flight:
+                self._end_process()
+                return
+
+    def _drain(self, drain_all: bool) -> bool:
+        """Send (or spool) full batches, and the last partial one when drain_all; False when it had to stop early."""
+        while len(self._queue) >= self._batch_rows or (drain_all and self._queue):
+            if self._process is not None and len(self._in_flight) >= WINDOW:
+                return False
+            records = self._take_oldest()
+            if not self._dispatch(_frames(records), len(records)):
+                return False
         return True
 
-    def _insert(self, records: list[dict[str, Any]]) -> None:
-        assert self._client is not None
-        rows = [to_row(record, log_payloads=self._log_payloads, max_payload_bytes=self._max_payload_bytes)
-                for record in records]
-        settings = {**DEDUP_SETTINGS, "insert_deduplication_token": batch_token(records)}
-        self._client.insert(f"{self.database}.inference", rows, column_names=COLUMNS, settings=settings)
-        self.metrics.rows_written.inc(len(rows))
+    def _spool_spills(self) -> bool:
+        while self._spills:
+            records = self._take_oldest()
+            if records and not self._spool(_frames(records), len(records)):
+                return False
+        return True
 
-    def _replay_spool(self) -> None:
-        if self._client is None or self.spool.rows == 0:
-            return
-        for path in self.spool.files():
-            if self._client is None:
-                return
-            try:
-                records = self.spool.read(path)
-            except (OSError, ValueError):
-                self.metrics.rows_dropped.labels("unreadable_spool").inc(self.spool.reject(path))
-                continue
-            try:
-                self._insert(records)
-            except POISON_ERRORS:
-                log.exception("spooled batch %s cannot be encoded; moved to %s", path, self.spool.rejected_directory)
-                self.metrics.rows_dropped.labels("rejected").inc(self.spool.reject(path))
-                continue
-            except Exception as error:
-                self._lost_connection(error)
-                return
-            self.spool.remove(path, len(records))
+    def _take_oldest(self) -> list[dict[str, Any]]:
+        """Up to batch_rows records, oldest first: spilled ones before queued ones, so a flush's count is exact."""
+        with self._submit_lock:
+            pending = self._spills[0] if self._spills else self._queue
+            records = [pending.popleft() for _ in range(min(self._batch_rows, len(pending)))]
+            if self._spills and not pending:
+                self._spills.popleft()
+            self._taken += len(records)
+        return records
 
-    def _ensure_client(self) -> None:
-        if self._client is not None or time.monotonic() < self._retry_at:
-            return
+    def _dispatch(self, frames: list[bytes], rows: int) -> bool:
+        with self._lock:
+            process = self._process
+            if process is not None:
+                batch_id = next(self._ids)
+                self._in_flight[batch_id] = _Batch(frames, rows)
+        if process is None:
+            return self._spool(frames, rows)
         try:
-            client = self._connect()
-            migrate(client, self.database, self._payload_ttl_days)
-        except Exception as error:
-            self._retry_at = time.monotonic() + self._retry_s
-            self._retry_s = min(self._retry_s * 2, MAX_RETRY_S)
-            log.warning("ClickHouse %s unavailable (%s); spooling to %s", _safe_dsn(self.dsn), error,
-                        self.spool.directory)
+            process.send([BATCH + BATCH_HEADER.pack(batch_id, len(frames)), *frames])
+        except (OSError, ValueError):
+            process.kill()
+        return True
+
+    def _spool(self, frames: list[bytes], rows: int) -> bool:
+        """Write a batch to the spool; when the disk refuses, its records go back to the front of the queue."""
+        try:
+            self.spool.write_frames(frames, rows)
+        except OSError:
+            log.exception("inference spool %s is not writable; keeping %d rows in memory", self.spool.directory, rows)
+            kept = decode_frames(frames)
+            with self._submit_lock:
+                self._spills.appendleft(deque(kept))
+                self._taken -= len(kept)
+            return False
+        self.metrics.rows_spooled.inc(rows)
+        return True
+
+    def _spool_everything(self) -> None:
+        if self._spool_spills():
+            while (records := self._take_oldest()) and self._spool(_frames(records), len(records)):
+                pass
+
+    def _advance_flushes(self) -> None:
+        to_send: list[tuple[WriterProcess, int]] = []
+        with self._lock:
+            for request in list(self._flushes):
+                if request.sent_to is not None or self._taken < request.target:
+                    continue
+                if self._process is None:
+                    # Everything is spooled; done unless a process is about to start and can replay the spool.
+                    restarting = not self._stopping.is_set() and time.monotonic() >= self._restart_at
+                    if not self._in_flight and not restarting:
+                        self._flushes.remove(request)
+                        request.done.set()
+                    continue
+                flush_id = next(self._ids)
+                request.sent_to = self._process
+                self._flush_ids[flush_id] = request
+                to_send.append((self._process, flush_id))
+        for process, flush_id in to_send:
+            try:
+                process.send([FLUSH + REQUEST_ID.pack(flush_id)])
+            except (OSError, ValueError):
+                process.kill()
+
+    def _end_process(self) -> None:
+        process = self._process
+        if process is not None:
+            try:
+                process.send([GOODBYE])
+            except (OSError, ValueError):
+                process.kill()
+            process.stop(EXIT_GRACE_S)
+        with self._lock:
+            for request in self._flushes:
+                request.done.set()
+            self._flushes.clear()
+
+    def _on_message(self, process: WriterProcess, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "ack":
+            self._on_ack(message[1], message[2])
+        elif kind == "state":
+            self._connected = message[1]
+        elif kind == "replayed":
+            self.spool.forget(message[1], message[2])
+            self.metrics.rows_written.inc(message[1])
+        elif kind == "rejected":
+            self.spool.forget(message[1], message[2])
+            self.metrics.rows_dropped.labels(message[3]).inc(message[1])
+        elif kind == "flushed":
+            with self._lock:
+                request = self._flush_ids.pop(message[1], None)
+                if request in self._flushes:
+                    self._flushes.remove(request)
+            if request is not None:
+                request.done.set()
+        elif kind == "result":
+            with self._lock:
+                query = self._queries.get(message[1])
+            if query is not None:
+                query.rows, query.error = message[2], message[3]
+                query.done.set()
+
+    def _on_ack(self, batch_id: int, status: str) -> None:
+        with self._lock:
+            batch = self._in_flight.pop(batch_id, None)
+        if batch is None:
             return
-        self._client = client
-        self._retry_s = MIN_RETRY_S
+        if status == "written":
+            self.metrics.rows_written.inc(batch.rows)
+            self._restart_s = MIN_RESTART_S
+        else:
+            if status == "failed":
+                self.metrics.rows_failed.inc(batch.rows)
+            self._spool(batch.frames, batch.rows)
+        self._wake.set()
 
-    def _lost_connection(self, error: Exception) -> None:
-        log.warning("insert into ClickHouse %s failed (%s); spooling and reconnecting", _safe_dsn(self.dsn), error)
-        client, self._client = self._client, None
-        if client is not None:
-            client.close()
-        self._retry_at = time.monotonic() + self._retry_s
-        self._retry_s = min(self._retry_s * 2, MAX_RETRY_S)
+    def _on_exit(self, process: WriterProcess) -> None:
+        stopping = self._stopping.is_set()
+        with self._lock:
+            if self._process is process:
+                self._process = None
+            self._connected = False
+            lost = list(self._in_flight.values())
+            self._in_flight.clear()
+            for flush_id, request in list(self._flush_ids.items()):
+                if request.sent_to is process:
+                    request.sent_to = None
+                    del self._flush_ids[flush_id]
+            for query in self._queries.values():
+                query.done.set()
+            # A flush waiting means "retry now"; otherwise a process that keeps dying is restarted ever more slowly.
+            self._restart_at = time.monotonic() + (0.0 if self._flushes else self._restart_s)
+            self._restart_s = min(self._restart_s * 2, MAX_RESTART_S)
+        for batch in lost:
+            self._spool(batch.frames, batch.rows)
+        if not stopping:
+            log.warning("inference writer process %s ended (exit code %s); %d batches spooled, restarting",
+                        process.pid, process.exitcode, len(lost))
+            self.metrics.process_restarts.inc()
+        self._wake.set()
+
+    def _is_hung(self) -> bool:
+        oldest = min((batch.sent_at for batch in list(self._in_flight.values())), default=None)
+        return oldest is not None and time.monotonic() - oldest > HUNG_S
 
 
-def _pop_up_to(pending: deque[dict[str, Any]], count: int) -> list[dict[str, Any]]:
-    batch = []
-    try:
-        for _ in range(count):
-            batch.append(pending.popleft())
-    except IndexError:
-        pass
-    return batch
-
-
-def _safe_dsn(dsn: str) -> str:
-    """The DSN without its password, for logs."""
-    scheme, sep, rest = dsn.partition("://")
-    credentials, at, host = rest.rpartition("@")
-    return f"{scheme}{sep}{credentials.partition(':')[0]}{at}{host}" if at else dsn
+def _frames(records: list[dict[str, Any]]) -> list[bytes]:
+    frames = []
+    for start in range(0, len(records), FRAME_ROWS):
+        frames.append(encode_frame(records[start:start + FRAME_ROWS]))
+        # Hands the GIL to the event loop between frames, should it be waiting for it.
+        time.sleep(0)
+    return frames

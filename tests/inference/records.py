@@ -4,7 +4,7 @@ import time
 import uuid
 from typing import Any
 
-from clickhouse_connect.driver.client import Client
+from gateway.inference import InferenceWriter
 
 
 def make_record(**overrides: Any) -> dict[str, Any]:
@@ -23,6 +23,10 @@ def make_record(**overrides: Any) -> dict[str, Any]:
     return record
 
 
-def count_rows(client: Client, database: str) -> tuple[int, int]:
+def count_rows(writer: InferenceWriter) -> tuple[int, int]:
     """(rows, distinct request ids) in the raw table, without FINAL: duplicates would show."""
-    return client.query(f"SELECT count(), uniqExact(request_id) FROM {database}.inference").result_rows[0]
+    return writer.query(f"SELECT count(), uniqExact(request_id) FROM {writer.database}.inference")[0]
+
+
+def rollup_requests(writer: InferenceWriter) -> int:
+    return writer.query(f"SELECT sum(requests) FROM {writer.database}.requests_1m")[0][0]

@@ -1,65 +1,32 @@
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-import pytest
-from clickhouse_connect.driver.client import Client
 from prometheus_client import CollectorRegistry, generate_latest
 
-from gateway.inference import InferenceWriter, connect
+from gateway.inference import InferenceWriter
 from gateway.inference.rows import TRUNCATION_MARKER
-from tests.inference.records import count_rows, make_record
-
-
-class SwitchableClickHouse:
-    """Connects to a refused loopback port while `down`, to the real chdb engine otherwise."""
-
-    def __init__(self, up_dsn: str, down_dsn: str) -> None:
-        self.up_dsn, self.down_dsn = up_dsn, down_dsn
-        self.down = True
-        self.attempts = 0
-
-    def __call__(self) -> Client:
-        self.attempts += 1
-        return connect(self.down_dsn if self.down else self.up_dsn)
-
-
-@pytest.fixture
-def make_writer(chdb_dsn: str, database: str, tmp_path: Path) -> Iterator[Callable[..., InferenceWriter]]:
-    writers: list[InferenceWriter] = []
-
-    def make(**options) -> InferenceWriter:
-        options.setdefault("spool_dir", tmp_path / "spool")
-        options.setdefault("registry", CollectorRegistry())
-        writer = InferenceWriter(chdb_dsn, database, **options)
-        writers.append(writer)
-        return writer
-
-    yield make
-    for writer in writers:
-        writer.close(timeout=10)
+from tests.inference.clickhouse_switch import SwitchableClickHouse
+from tests.inference.records import count_rows, make_record, rollup_requests
 
 
 def sample(writer: InferenceWriter, name: str, **labels: str) -> float | None:
     return writer.registry.get_sample_value(f"lockgate_inference_{name}", labels)
 
 
-def rollup_requests(client: Client, database: str) -> int:
-    return client.query(f"SELECT sum(requests) FROM {database}.requests_1m").result_rows[0][0]
-
-
-def test_records_land_exactly_once_in_table_and_rollup(make_writer, clickhouse: Client, database: str) -> None:
+def test_records_land_exactly_once_in_table_and_rollup(make_writer) -> None:
     writer = make_writer(batch_rows=400)
     writer.start()
     for _ in range(1_000):
         writer.submit(make_record())
     assert writer.flush()
 
-    assert count_rows(clickhouse, database) == (1_000, 1_000)
-    assert rollup_requests(clickhouse, database) == 1_000
+    assert count_rows(writer) == (1_000, 1_000)
+    assert rollup_requests(writer) == 1_000
     assert sample(writer, "rows_written_total") == 1_000
 
 
-def test_replayed_batch_is_not_duplicated(make_writer, clickhouse: Client, database: str) -> None:
+def test_replayed_batch_is_not_duplicated(make_writer) -> None:
     """An insert that landed although the client saw an error is spooled and replayed: the replay is discarded."""
     records = [make_record() for _ in range(50)]
     writer = make_writer()
@@ -68,15 +35,14 @@ def test_replayed_batch_is_not_duplicated(make_writer, clickhouse: Client, datab
     writer.start()
     assert writer.flush()
 
-    assert count_rows(clickhouse, database) == (50, 50)
-    assert rollup_requests(clickhouse, database) == 50
+    assert count_rows(writer) == (50, 50)
+    assert rollup_requests(writer) == 50
     assert writer.spool.rows == 0 and writer.spool.files() == []
 
 
-def test_outage_spools_then_replays_every_record_once(
-    make_writer, clickhouse: Client, database: str, chdb_dsn: str, refused_dsn: str
-) -> None:
-    clickhouse_server = SwitchableClickHouse(chdb_dsn, refused_dsn)
+def test_outage_spools_then_replays_every_record_once(make_writer, chdb_dsn: str, refused_dsn: str,
+                                                       tmp_path: Path) -> None:
+    clickhouse_server = SwitchableClickHouse(chdb_dsn, refused_dsn, tmp_path / "switch")
     writer = make_writer(batch_rows=200, queue_max=300, connect_client=clickhouse_server)
     writer.start()
     total = 2_000
@@ -96,14 +62,14 @@ def test_outage_spools_then_replays_every_record_once(
     assert writer.flush()
 
     assert writer.connected
-    assert count_rows(clickhouse, database) == (total, total)
-    assert rollup_requests(clickhouse, database) == total
+    assert count_rows(writer) == (total, total)
+    assert rollup_requests(writer) == total
     assert writer.spool.rows == 0 and writer.spool.bytes == 0
+    assert sample(writer, "rows_written_total") == total
 
 
 def test_full_queue_spills_to_spool_without_dropping(make_writer, refused_dsn: str) -> None:
-    writer = make_writer(queue_max=100, batch_rows=1_000, flush_interval_ms=60_000,
-                         connect_client=SwitchableClickHouse(refused_dsn, refused_dsn))
+    writer = make_writer(refused_dsn, queue_max=100, batch_rows=1_000, flush_interval_ms=60_000)
     for _ in range(450):
         writer.submit(make_record())
     assert writer.queue_depth == 50
@@ -113,17 +79,19 @@ def test_full_queue_spills_to_spool_without_dropping(make_writer, refused_dsn: s
     assert sample(writer, "rows_spooled_total") == 450
 
 
-def test_close_writes_everything_still_queued(make_writer, clickhouse: Client, database: str) -> None:
+def test_close_writes_everything_still_queued(make_writer, read_rows: Callable[[str], list[Any]],
+                                              database: str) -> None:
     writer = make_writer(batch_rows=10_000, flush_interval_ms=60_000)
     writer.start()
     for _ in range(321):
         writer.submit(make_record())
     assert writer.close(timeout=20)
-    assert count_rows(clickhouse, database) == (321, 321)
+    # The writer process has let go of the chdb folder: this process may open it now.
+    assert read_rows(f"SELECT count(), uniqExact(request_id) FROM {database}.inference") == [(321, 321)]
 
 
-def test_close_while_clickhouse_is_down_keeps_records_in_spool(make_writer, refused_dsn: str, tmp_path: Path) -> None:
-    writer = make_writer(flush_interval_ms=60_000, connect_client=SwitchableClickHouse(refused_dsn, refused_dsn))
+def test_close_while_clickhouse_is_down_keeps_records_in_spool(make_writer, refused_dsn: str) -> None:
+    writer = make_writer(refused_dsn, flush_interval_ms=60_000)
     writer.start()
     for _ in range(77):
         writer.submit(make_record())
@@ -131,37 +99,35 @@ def test_close_while_clickhouse_is_down_keeps_records_in_spool(make_writer, refu
     assert writer.spool.rows == 77
 
 
-def test_oversize_payload_is_truncated_with_marker(make_writer, clickhouse: Client, database: str) -> None:
+def test_oversize_payload_is_truncated_with_marker(make_writer) -> None:
     writer = make_writer(max_payload_bytes=1_000)
     writer.start()
     writer.submit(make_record(request_id="big", request_payload="x" * 50_000))
     assert writer.flush()
-    payload, truncated = clickhouse.query(
-        f"SELECT request_payload, payload_truncated FROM {database}.inference WHERE request_id = 'big'"
-    ).result_rows[0]
+    payload, truncated = writer.query(
+        f"SELECT request_payload, payload_truncated FROM {writer.database}.inference WHERE request_id = 'big'"
+    )[0]
     assert truncated is True
     assert len(payload.encode()) <= 1_000
     assert payload.endswith(TRUNCATION_MARKER.format(size=50_000))
 
 
-def test_payloads_not_logged_when_policy_says_so(make_writer, clickhouse: Client, database: str) -> None:
+def test_payloads_not_logged_when_policy_says_so(make_writer) -> None:
     writer = make_writer(log_payloads=False)
     writer.start()
     writer.submit(make_record(request_id="quiet"))
     assert writer.flush()
-    row = clickhouse.query(
-        f"SELECT request_payload, response_payload, prompt_tokens FROM {database}.inference"
-    ).result_rows[0]
-    assert row == ("", "", 12)
+    row = writer.query(f"SELECT request_payload, response_payload, prompt_tokens FROM {writer.database}.inference")
+    assert row == [("", "", 12)]
 
 
-def test_unreadable_spool_file_is_set_aside_and_counted(make_writer, clickhouse: Client, database: str) -> None:
+def test_unreadable_spool_file_is_set_aside_and_counted(make_writer) -> None:
     writer = make_writer()
     (writer.spool.directory / "00000000000000000001-1-00000000.jsonl").write_bytes(b"{not json\n")
     writer.spool.write([make_record() for _ in range(5)])
     writer.start()
     assert writer.flush()
-    assert count_rows(clickhouse, database) == (5, 5)
+    assert count_rows(writer) == (5, 5)
     assert sample(writer, "rows_dropped_total", reason="unreadable_spool") == 1
     assert [path.name for path in writer.spool.rejected_directory.iterdir()] == [
         "00000000000000000001-1-00000000.jsonl"
@@ -173,5 +139,5 @@ def test_metrics_are_exported_with_prefix(make_writer) -> None:
     make_writer(registry=registry)
     exposition = generate_latest(registry).decode()
     for name in ("queue_depth", "spool_bytes", "spool_rows", "rows_written_total", "rows_failed_total",
-                 "rows_spooled_total"):
+                 "rows_spooled_total", "process_restarts_total"):
         assert f"lockgate_inference_{name} " in exposition

@@ -1,0 +1,112 @@
+"""One writer process as the gateway sees it: the spawned process, its end of the pipe, and the thread reading it.
+
+A fresh interpreter (`python -c`), not multiprocessing's spawn: that would re-run the gateway's `__main__` module
+in the child, and a script without a `__name__` guard would start a gateway there.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+WATCH_S = 1.0
+REAP_S = 10.0
+ENTRY = "import sys; from gateway.inference.child import main; main(int(sys.argv[1]))"
+
+
+class WriterProcess:
+    def __init__(
+        self,
+        process: subprocess.Popen[bytes],
+        conn: Connection,
+        on_message: Callable[[WriterProcess, tuple[Any, ...]], None],
+        on_exit: Callable[[WriterProcess], None],
+        is_hung: Callable[[], bool],
+    ) -> None:
+        self._process = process
+        self._conn = conn
+        self._on_message = on_message
+        self._on_exit = on_exit
+        self._is_hung = is_hung
+        self._send_lock = threading.Lock()
+        self._receiver = threading.Thread(target=self._receive_loop, name="lockgate-inference-receiver", daemon=True)
+
+    @classmethod
+    def start(
+        cls,
+        options: Any,
+        on_message: Callable[[WriterProcess, tuple[Any, ...]], None],
+        on_exit: Callable[[WriterProcess], None],
+        is_hung: Callable[[], bool],
+    ) -> WriterProcess:
+        parent_end, child_end = socket.socketpair()
+        # The child imports what this process can: the gateway, and whatever `options` pickles by reference.
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-c", ENTRY, str(child_end.fileno())], pass_fds=[child_end.fileno()],
+                stdin=subprocess.DEVNULL, env=env,
+            )
+        finally:
+            # Only the child may hold its end: when this process ends, the child reads EOF and exits.
+            child_end.close()
+        conn = Connection(parent_end.detach())
+        conn.send_bytes(pickle.dumps(options))
+        handle = cls(process, conn, on_message, on_exit, is_hung)
+        handle._receiver.start()
+        return handle
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        return self._process.poll()
+
+    def send(self, messages: list[bytes]) -> None:
+        """Messages sent back to back, none of another thread's between them; blocks while the pipe is full."""
+        with self._send_lock:
+            for message in messages:
+                self._conn.send_bytes(message)
+
+    def kill(self) -> None:
+        if self._process.poll() is None:
+            self._process.kill()
+
+    def stop(self, timeout: float) -> None:
+        """Wait for the process to exit after its goodbye (killing it past timeout) and for its last messages."""
+        try:
+            self._process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        self._receiver.join(timeout + REAP_S)
+
+    def _receive_loop(self) -> None:
+        try:
+            while True:
+                if self._conn.poll(WATCH_S):
+                    self._on_message(self, self._conn.recv())
+                elif self._is_hung():
+                    log.error("inference writer process %s stopped answering; killing it", self.pid)
+                    self.kill()
+        except (EOFError, OSError):
+            pass
+        try:
+            self._process.wait(REAP_S)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            self._process.wait()
+        with self._send_lock:
+            self._conn.close()
+        self._on_exit(self)
