@@ -71,6 +71,23 @@ def _validate(body: dict, op: Op) -> bool:
     return bool(stream)
 
 
+def _client_metadata(request: web.Request, body: dict, ex: Exchange) -> None:
+    """OpenAI's `user` and `metadata` fields and the x-lockgate-tags header, kept with the record."""
+    user = body.get("user")
+    if isinstance(user, str) and user:
+        ex.metadata["user"] = user[:256]
+    metadata = body.get("metadata")
+    if isinstance(metadata, dict):
+        for key, value in list(metadata.items())[:16]:
+            ex.metadata[str(key)[:64]] = str(value)[:512]
+    tags = request.headers.get("x-lockgate-tags")
+    if tags:
+        for tag in tags.split(",")[:16]:
+            key, _, value = tag.partition("=")
+            if key.strip():
+                ex.metadata[f"tag.{key.strip()[:64]}"] = value.strip()[:512]
+
+
 async def serve(request: web.Request, op: Op, policy: CompiledPolicy, ex: Exchange) -> web.StreamResponse:
     principal = authenticate(request, policy)
     ex.key_id, ex.user, ex.groups = principal.key_id, principal.user, principal.groups
@@ -82,6 +99,7 @@ async def serve(request: web.Request, op: Op, policy: CompiledPolicy, ex: Exchan
     if route is None:
         raise model_not_found(model)
     ex.route, ex.priority = model, route.config.priority
+    _client_metadata(request, body, ex)
     stream = _validate(body, op)
     ex.streamed = stream
     if policy.log_payloads:
