@@ -31,7 +31,10 @@ def test_truncation_keeps_utf8_valid_and_within_limit() -> None:
 def test_migrate_is_versioned_and_idempotent(clickhouse: Client, database: str) -> None:
     assert migrate(clickhouse, database) == []
     versions = clickhouse.query(f"SELECT version, name FROM {database}.schema_migrations ORDER BY version")
-    assert versions.result_rows == [(1, "001_inference"), (2, "002_rollups")]
+    assert versions.result_rows == [(1, "001_inference"), (2, "002_rollups"), (3, "003_date_column")]
+    columns = clickhouse.query(f"SELECT name, type FROM system.columns WHERE database = '{database}' "
+                               "AND table = 'inference' AND name IN ('ts', 'date')")
+    assert dict(columns.result_rows) == {"ts": "DateTime64(3, 'UTC')", "date": "Date"}
     tables = clickhouse.query(f"SELECT name, engine FROM system.tables WHERE database = '{database}' ORDER BY name")
     assert dict(tables.result_rows) == {
         "inference": "ReplacingMergeTree", "requests_1m": "AggregatingMergeTree",
