@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import Counter
 
 from gateway.errors import GatewayError
 from gateway.exchange import Exchange
-from guardrails import Finding, GuardrailError, Guardrails, StreamScanner, words_to_regex
+from guardrails import Finding, GuardrailError, Guardrails, Op, StreamScanner, Verdict, words_to_regex
 from policies.schema import DirectionGuardrails, Policy
 
 FINDINGS = Counter("lockgate_guardrail_findings", "Guardrail findings", ["direction", "entity", "action"])
@@ -73,29 +74,26 @@ def failure(exc: GuardrailError) -> GatewayError:
                         "api_error", "guardrail_failure")
 
 
-async def check_request(guards: RouteGuards, op: str, body: dict, ex: Exchange) -> dict:
+async def _settle(scan: Awaitable[Verdict], ex: Exchange) -> Any:
+    try:
+        verdict = await scan
+    except GuardrailError as exc:
+        raise failure(exc) from None
+    note_findings(ex, verdict.findings)
+    if verdict.blocked:
+        raise violation(verdict.message)
+    return verdict.body
+
+
+async def check_request(guards: RouteGuards, op: Op, body: dict, ex: Exchange) -> dict:
     """Returns the body to forward (masked where the route says so); raises on a block."""
     assert guards.guard is not None
-    try:
-        verdict = await guards.guard.scan_request(body, op, guards.input.pii, guards.input.patterns)  # type: ignore[arg-type]
-    except GuardrailError as exc:
-        raise failure(exc) from None
-    note_findings(ex, verdict.findings)
-    if verdict.blocked:
-        raise violation(verdict.message)
-    return verdict.body
+    return await _settle(guards.guard.scan_request(body, op, guards.input.pii, guards.input.patterns), ex)
 
 
-async def check_response(guards: RouteGuards, op: str, data: dict, ex: Exchange) -> dict:
+async def check_response(guards: RouteGuards, op: Op, data: dict, ex: Exchange) -> dict:
     assert guards.guard is not None
-    try:
-        verdict = await guards.guard.scan_response(data, op, guards.output.pii, guards.output.patterns)  # type: ignore[arg-type]
-    except GuardrailError as exc:
-        raise failure(exc) from None
-    note_findings(ex, verdict.findings)
-    if verdict.blocked:
-        raise violation(verdict.message)
-    return verdict.body
+    return await _settle(guards.guard.scan_response(data, op, guards.output.pii, guards.output.patterns), ex)
 
 
 class StreamGuard:
