@@ -51,6 +51,7 @@ class CompiledPolicy:
     guardrails: Guardrails | None
     log_payloads: bool
     mask_payloads: bool
+    group_priorities: dict[str, int]
 
 
 def _timeout(config: TimeoutConfig) -> aiohttp.ClientTimeout:
@@ -124,4 +125,5 @@ def compile_policy(
     table = policy.inference_table
     log_payloads = table.enabled and table.log_payloads
     return CompiledPolicy(loaded, loaded.sha256[:12], KeyRing(policy), routes, providers, governance, guard,
-                          log_payloads, log_payloads and table.mask_pii and guard is not None)
+                          log_payloads, log_payloads and table.mask_pii and guard is not None,
+                          dict(policy.group_priorities))

@@ -99,6 +99,8 @@ async def serve(request: web.Request, op: Op, policy: CompiledPolicy, ex: Exchan
     if route is None:
         raise model_not_found(model)
     ex.route, ex.priority = model, route.config.priority
+    if policy.group_priorities:
+        ex.priority = min([ex.priority, *(policy.group_priorities.get(g, ex.priority) for g in principal.groups)])
     _client_metadata(request, body, ex)
     stream = _validate(body, op)
     ex.streamed = stream

@@ -47,10 +47,7 @@ def period(per: str, now: datetime) -> Period:
         start = now.replace(hour=0, minute=0, second=0, microsecond=0)
         return Period(start.strftime("%Y-%m-%d"), start + timedelta(days=1))
     start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    if start.month == 12:
-        following = start.replace(year=start.year + 1, month=1)
-    else:
-        following = start.replace(month=start.month + 1)
+    following = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
     return Period(start.strftime("%Y-%m"), following)
 
 

@@ -121,11 +121,11 @@ def _line_for(lines: dict[Loc, int], data: object, loc: Loc) -> tuple[Loc, int |
     walked: list[str | int] = []
     node = data
     for part in loc:
-        if (isinstance(node, dict) and part in node) or (isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)):
-            node = node[part]
+        in_dict = isinstance(node, dict) and part in node
+        in_list = isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+        if in_dict or in_list:
+            node = node[part]  # type: ignore[index]
             walked.append(part)
-        elif isinstance(node, dict) and isinstance(part, str) and part not in node and walked:
-            continue
     path = tuple(walked)
     while path and path not in lines:
         path = path[:-1]

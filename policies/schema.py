@@ -274,3 +274,6 @@ class Policy(Strict):
     prices: dict[str, PriceConfig] = {}
     guardrails: GuardrailsConfig = GuardrailsConfig()
     inference_table: InferenceTableConfig = InferenceTableConfig(enabled=False)
+    group_priorities: dict[str, int] = Field(
+        {}, description="embedded engines serve lower numbers first; a request gets the lowest of its route's "
+        "priority and its groups' priorities (reserved traffic, like provisioned throughput)")
