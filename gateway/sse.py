@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections import deque
+from typing import Protocol
 
-import aiohttp
 import orjson
 
 DONE = b"data: [DONE]\n\n"
@@ -12,6 +12,12 @@ DONE = b"data: [DONE]\n\n"
 
 def event(data: object) -> bytes:
     return b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+class ByteSource(Protocol):
+    async def readany(self) -> bytes:
+        """Whatever bytes have arrived, waiting for some if none have; b"" at the end."""
+        ...
 
 
 def _parse_block(block: bytes) -> tuple[str, bytes] | None:
@@ -31,17 +37,16 @@ class EventReader:
     """Parses SSE from whatever bytes have arrived, rather than line by line.
 
     Reading per line costs two reads per event and wakes the transport each time; reading what is
-    there and splitting on blank lines costs one. `buffered` tells a relay that more events are
+    there and splitting on blank lines costs one. `has_buffered` tells a relay that more events are
     already parsed, so it can send them in one write.
     """
 
-    def __init__(self, content: aiohttp.StreamReader) -> None:
+    def __init__(self, content: ByteSource) -> None:
         self._content = content
         self._rest = b""
         self._events: deque[tuple[str, bytes]] = deque()
 
-    @property
-    def buffered(self) -> bool:
+    def has_buffered(self) -> bool:
         return bool(self._events)
 
     def __aiter__(self) -> EventReader:

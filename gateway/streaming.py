@@ -76,7 +76,7 @@ async def relay(request: web.Request, stream: ChunkStream, ex: Exchange, options
                 if not options.client_wants_usage:
                     if not chunk.get("choices"):
                         continue
-                    chunk = {k: v for k, v in chunk.items() if k != "usage"}
+                    del chunk["usage"]
             if scan is not None and not await scan.filter(chunk):
                 raise violation(scan.message)
             if transcript is not None:

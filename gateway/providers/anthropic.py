@@ -9,6 +9,7 @@ import orjson
 
 from gateway.providers.anthropic_translate import StreamTranslator, from_message, to_messages_request
 from gateway.providers.base import ChunkStream, Completion, Op, Provider, UpstreamError, Usage
+from gateway.providers.h11client import Response
 from gateway.providers.http import HttpTransport
 from gateway.sse import EventReader
 
@@ -50,10 +51,10 @@ class AnthropicProvider(Provider):
             return await super().stream(op, body, timeout)
         payload = orjson.dumps(to_messages_request({**body, "stream": True}, body["model"], self.default_max_tokens))
         response = await self.transport.post(self.url, payload, self.headers, timeout)
-        reader = EventReader(response.content)
-        return ChunkStream(self._chunks(response, reader), response.release, lambda: reader.buffered)
+        reader = EventReader(response)
+        return ChunkStream(self._chunks(response, reader), response.release, reader.has_buffered)
 
-    async def _chunks(self, response: aiohttp.ClientResponse, reader: EventReader) -> AsyncIterator[dict]:
+    async def _chunks(self, response: Response, reader: EventReader) -> AsyncIterator[dict]:
         translator = StreamTranslator()
         async for name, data in self.transport.events(response, reader):
             if data is None:

@@ -65,6 +65,10 @@ class UnsupportedOperation(Exception):
         super().__init__(f"provider {provider!r} does not serve /v1/{op.replace('chat', 'chat/completions')}")
 
 
+def _nothing_buffered() -> bool:
+    return False
+
+
 class ChunkStream:
     """An opened stream: the upstream accepted the request; iterate for chunk dicts, always aclose()."""
 
@@ -76,11 +80,9 @@ class ChunkStream:
     ) -> None:
         self._chunks = chunks
         self._on_close = on_close
-        self._buffered = buffered
-
-    def buffered(self) -> bool:
-        """True when the next chunk has already arrived, so a relay may hold its write and send both at once."""
-        return self._buffered is not None and self._buffered()
+        # True when the next chunk has already arrived, so a relay may hold its write and send both at once.
+        # An attribute rather than a method: the relay asks once per chunk.
+        self.buffered: Callable[[], bool] = buffered or _nothing_buffered
 
     def __aiter__(self) -> AsyncIterator[dict]:
         return self._chunks

@@ -1,13 +1,15 @@
-"""Transport shared by the HTTP providers: one pooled client session, failures mapped to UpstreamError."""
+"""Transport shared by the HTTP providers: one pooled client per provider, failures mapped to UpstreamError."""
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator
 
 import aiohttp
 import orjson
 
 from gateway.providers.base import UpstreamError
+from gateway.providers.h11client import ConnectError, HttpClient, ProtocolError, Response
 from gateway.sse import EventReader
 
 
@@ -31,34 +33,33 @@ def _error_message(body: bytes, status: int) -> tuple[str, dict | None]:
 
 
 class HttpTransport:
-    def __init__(self, provider: str, max_connections: int) -> None:
+    def __init__(self, provider: str, max_connections: int, ssl_context: ssl.SSLContext | None = None) -> None:
         self.provider = provider
         self.max_connections = max_connections
-        self.session: aiohttp.ClientSession | None = None
+        self.ssl_context = ssl_context
+        self.client: HttpClient | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=self.max_connections, ttl_dns_cache=300, keepalive_timeout=30)
-        self.session = aiohttp.ClientSession(connector=connector, skip_auto_headers=("User-Agent",))
+        self.client = HttpClient(self.max_connections, self.ssl_context)
 
     async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
+        if self.client is not None:
+            await self.client.close()
 
-    async def post(
-        self, url: str, body: bytes, headers: dict[str, str], timeout: aiohttp.ClientTimeout
-    ) -> aiohttp.ClientResponse:
-        """Sends the request; returns the response once its headers arrived with a 2xx status."""
-        assert self.session is not None, "provider used before start()"
+    async def post(self, url: str, body: bytes, headers: dict[str, str], timeout: aiohttp.ClientTimeout) -> Response:
+        """Sends the request; returns the response once its head arrived with a 2xx status."""
+        assert self.client is not None, "provider used before start()"
         try:
-            response = await self.session.post(url, data=body, headers=headers, timeout=timeout)
+            response = await self.client.post(url, body, headers, timeout.sock_connect, timeout.sock_read,
+                                              timeout.total)
         except TimeoutError as exc:
             raise UpstreamError("timeout", f"{self.provider}: no answer within the timeout") from exc
-        except aiohttp.ClientError as exc:
+        except (ConnectError, ConnectionError, ProtocolError) as exc:
             raise UpstreamError("connect", f"{self.provider}: cannot reach upstream ({type(exc).__name__})") from exc
         if response.status >= 300:
             try:
                 raw = await response.read()
-            except (aiohttp.ClientError, TimeoutError):
+            except (ConnectionError, ProtocolError, TimeoutError):
                 raw = b""
             finally:
                 response.release()
@@ -66,12 +67,12 @@ class HttpTransport:
             raise UpstreamError("status", f"{self.provider}: {message}", response.status, error)
         return response
 
-    async def read_json(self, response: aiohttp.ClientResponse) -> tuple[dict, bytes]:
+    async def read_json(self, response: Response) -> tuple[dict, bytes]:
         try:
             raw = await response.read()
         except TimeoutError as exc:
             raise UpstreamError("timeout", f"{self.provider}: the answer did not arrive within the timeout") from exc
-        except aiohttp.ClientError as exc:
+        except (ConnectionError, ProtocolError) as exc:
             raise UpstreamError("reset", f"{self.provider}: connection lost while reading the answer") from exc
         finally:
             response.release()
@@ -86,9 +87,34 @@ class HttpTransport:
             raise UpstreamError("invalid", f"{self.provider}: upstream answered 200 with an error: {message}", None, error)
         return data, raw
 
-    async def events(
-        self, response: aiohttp.ClientResponse, reader: EventReader
-    ) -> AsyncIterator[tuple[str, dict | None]]:
+    async def openai_chunks(self, response: Response, reader: EventReader) -> AsyncIterator[dict]:
+        """The chunks of an OpenAI-style stream up to `[DONE]`; one generator, since every hop costs per chunk."""
+        provider = self.provider
+        try:
+            async for _, data in reader:
+                if data == b"[DONE]":
+                    return
+                try:
+                    chunk = orjson.loads(data)
+                except orjson.JSONDecodeError:
+                    raise UpstreamError("invalid", f"{provider}: upstream sent an invalid stream event") from None
+                if not isinstance(chunk, dict):
+                    raise UpstreamError("invalid", f"{provider}: upstream sent a stream event that is not an object")
+                error = chunk.get("error")
+                if error:
+                    error = error if isinstance(error, dict) else {"message": str(error)}
+                    raise UpstreamError("invalid", f"{provider}: upstream error mid-stream: {error.get('message')}",
+                                        None, error)
+                yield chunk
+            raise UpstreamError("reset", f"{provider}: the stream ended without [DONE]")
+        except TimeoutError as exc:
+            raise UpstreamError("timeout", f"{provider}: the stream stalled past the timeout") from exc
+        except (ConnectionError, ProtocolError) as exc:
+            raise UpstreamError("reset", f"{provider}: connection lost mid-stream") from exc
+        finally:
+            response.release()
+
+    async def events(self, response: Response, reader: EventReader) -> AsyncIterator[tuple[str, dict | None]]:
         """Yields (event name, parsed data) from an SSE body; data is None for `[DONE]`."""
         try:
             async for name, data in reader:
@@ -104,7 +130,7 @@ class HttpTransport:
                 yield name, parsed
         except TimeoutError as exc:
             raise UpstreamError("timeout", f"{self.provider}: the stream stalled past the timeout") from exc
-        except aiohttp.ClientError as exc:
+        except (ConnectionError, ProtocolError) as exc:
             raise UpstreamError("reset", f"{self.provider}: connection lost mid-stream") from exc
         finally:
             response.release()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import aiohttp
 import orjson
 
@@ -54,18 +52,8 @@ class OpenAIProvider(Provider):
         if not response.content_type.startswith("text/event-stream"):
             response.release()
             raise UpstreamError("invalid", f"{self.name}: upstream did not answer with an event stream")
-        reader = EventReader(response.content)
-        return ChunkStream(self._chunks(response, reader), response.release, lambda: reader.buffered)
-
-    async def _chunks(self, response: aiohttp.ClientResponse, reader: EventReader) -> AsyncIterator[dict]:
-        async for _, data in self.transport.events(response, reader):
-            if data is None:
-                return
-            if data.get("error"):
-                error = data["error"] if isinstance(data["error"], dict) else {"message": str(data["error"])}
-                raise UpstreamError("invalid", f"{self.name}: upstream error mid-stream: {error.get('message')}", None, error)
-            yield data
-        raise UpstreamError("reset", f"{self.name}: the stream ended without [DONE]")
+        reader = EventReader(response)
+        return ChunkStream(self.transport.openai_chunks(response, reader), response.release, reader.has_buffered)
 
 
 class AzureOpenAIProvider(OpenAIProvider):

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import pytest_asyncio
 
@@ -32,8 +33,14 @@ def tokenizer(model_path: Path) -> Any:
     return AutoTokenizer.from_pretrained(model_path)
 
 
+@pytest.fixture(scope="session")
+def processes_before_engine() -> set[int]:
+    """Children the test process already had (a Redis server of other suites, say): not the engine's."""
+    return {child.pid for child in psutil.Process().children(recursive=True)}
+
+
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def engine(model_path: Path) -> AsyncIterator[EmbeddedEngine]:
+async def engine(model_path: Path, processes_before_engine: set[int]) -> AsyncIterator[EmbeddedEngine]:
     served = EmbeddedEngine(
         str(model_path), {"max_model_len": MAX_MODEL_LEN, "max_num_seqs": MAX_NUM_SEQS}, served_model_name="small"
     )
