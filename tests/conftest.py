@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -83,5 +83,18 @@ async def make_gateway(aiohttp_server, policy_file) -> GatewayFactory:
     return start
 
 
+_clients: list[AsyncOpenAI] = []
+
+
 def sdk(server: TestServer, key: str = ALICE_KEY) -> AsyncOpenAI:
-    return AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key=key, max_retries=0, timeout=20)
+    """The official client, closed by `_close_clients` after the test (an unclosed one breaks later loops)."""
+    client = AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key=key, max_retries=0, timeout=20)
+    _clients.append(client)
+    return client
+
+
+@pytest.fixture(autouse=True)
+async def _close_clients() -> AsyncIterator[None]:
+    yield
+    while _clients:
+        await _clients.pop().close()
