@@ -5,7 +5,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.lockgate-installed
 POLICY ?= policies.example.yaml
 
-.PHONY: serve test bench lint install redis model
+.PHONY: serve test bench bench-features lint install redis model
 
 serve: install model
 	$(VENV)/bin/lockgate serve $(POLICY)
@@ -15,6 +15,9 @@ test: install model
 
 bench: install
 	$(PY) -m benchmarks.run
+
+bench-features: install
+	$(PY) -m benchmarks.features
 
 lint: install
 	$(VENV)/bin/ruff check .
