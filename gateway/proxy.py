@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import orjson
@@ -16,6 +17,8 @@ from gateway.providers import Op
 from gateway.streaming import RelayOptions, relay
 from gateway.upstream import complete, open_stream
 from policies.keys import Principal
+
+log = logging.getLogger("lockgate")
 
 _REQUIRED: dict[str, str] = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
 _JSON = "application/json"
@@ -145,7 +148,14 @@ async def handle(request: web.Request, op: Op, policy: CompiledPolicy) -> web.St
     ex = Exchange(op, policy_version=policy.version)
     metrics.IN_FLIGHT.inc()
     try:
-        response = await serve(request, op, policy, ex)
+        try:
+            response = await serve(request, op, policy, ex)
+        except GatewayError:
+            raise
+        except Exception:
+            # Still answered in OpenAI's shape, and still recorded: every request is one row.
+            log.exception("request %s failed inside the gateway", ex.request_id)
+            raise GatewayError(500, "The gateway failed to handle the request.", "api_error", "internal_error") from None
     except GatewayError as err:
         ex.status, ex.error_type, ex.error_code = err.status, err.type, err.code or ""
         metrics.count_error(err.code or err.type, err.status)
