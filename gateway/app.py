@@ -15,7 +15,7 @@ from gateway.context import GATEWAY, Gateway
 from gateway.errors import GatewayError
 from gateway.handlers import add_routes
 from gateway.inference import InferenceWriter
-from gateway.state import PolicyHolder
+from gateway.state import PolicyHolder, file_stamp
 from policies.loader import load_policy
 from policies.tokens import install_offline_encodings
 
@@ -41,17 +41,18 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
 
 
 def create_app(policy_path: str | os.PathLike[str]) -> web.Application:
-    """Builds the gateway for one policy file; the policy is loaded in the app's start-up."""
+    """Builds the gateway for one policy file, read now; its providers and engines start with the app."""
+    stamp = file_stamp(policy_path)
     initial = load_policy(policy_path)
     server = initial.policy.server
-    app = web.Application(middlewares=[openai_errors], client_max_size=server.max_request_bytes)
     pool = ProviderPool(retire_after_s=server.shutdown_timeout_s + 5)
     holder = PolicyHolder(policy_path, pool)
+    app = web.Application(middlewares=[openai_errors], client_max_size=server.max_request_bytes)
     app[GATEWAY] = Gateway(holder)
 
     async def policy_and_providers(app: web.Application) -> AsyncIterator[None]:
         await asyncio.to_thread(install_offline_encodings)
-        await holder.load_initial()
+        await holder.activate_initial(initial, stamp)
         watcher = asyncio.get_running_loop().create_task(holder.watch(server.watch_interval_s))
         yield
         watcher.cancel()

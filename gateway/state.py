@@ -16,6 +16,14 @@ from policies.loader import LoadedPolicy, PolicyError, load_policy
 log = logging.getLogger("lockgate.policy")
 
 
+def file_stamp(path: str | os.PathLike[str]) -> tuple[float, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime, st.st_size)
+
+
 class PolicyHolder:
     """Owns the policy file's active compiled version; requests read `current` once and keep it."""
 
@@ -27,23 +35,17 @@ class PolicyHolder:
         self._lock = asyncio.Lock()
         self._stamp: tuple[float, int] | None = None
 
-    def _file_stamp(self) -> tuple[float, int] | None:
-        try:
-            st = self.path.stat()
-        except OSError:
-            return None
-        return (st.st_mtime, st.st_size)
-
-    async def load_initial(self) -> CompiledPolicy:
-        self._stamp = self._file_stamp()
-        self.current = await self._compile(load_policy(self.path))
+    async def activate_initial(self, loaded: LoadedPolicy, stamp: tuple[float, int] | None) -> CompiledPolicy:
+        """Compiles the version read at start-up; `stamp` is the file's as it was then, so a later edit reloads."""
+        self._stamp = stamp
+        self.current = await self._compile(loaded)
         log.info("policy %s loaded from %s", self.current.version, self.path)
         return self.current
 
     async def reload(self) -> tuple[bool, str]:
         """Loads the file again; on any error the running version stays. Returns (changed, message)."""
         async with self._lock:
-            self._stamp = self._file_stamp()
+            self._stamp = file_stamp(self.path)
             try:
                 loaded = load_policy(self.path)
             except PolicyError as exc:
@@ -76,5 +78,5 @@ class PolicyHolder:
         """Reloads when the file's mtime or size changes; editors that replace the file are covered too."""
         while True:
             await asyncio.sleep(interval_s)
-            if self._file_stamp() != self._stamp:
+            if file_stamp(self.path) != self._stamp:
                 await self.reload()
