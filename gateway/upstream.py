@@ -281,23 +281,23 @@ def _mirror(route: Route, op: Op, body: dict, ex: Exchange, policy: CompiledPoli
     resilience.shadows.start(shadow_ex, call)
 
 
-async def complete(route: Route, op: Op, body: dict, ex: Exchange, policy: CompiledPolicy,
-                   resilience: Resilience) -> Completion:
+async def _serve_and_mirror(route: Route, op: Op, body: dict, ex: Exchange, policy: CompiledPolicy,
+                            resilience: Resilience, stream: bool) -> Completion | ChunkStream:
     if route.config.shadow is None:
-        return cast(Completion, await _serve(route, op, body, ex, policy.routes, resilience.breakers, False))
+        return await _serve(route, op, body, ex, policy.routes, resilience.breakers, stream)
     try:
-        return cast(Completion, await _serve(route, op, body, ex, policy.routes, resilience.breakers, False))
+        return await _serve(route, op, body, ex, policy.routes, resilience.breakers, stream)
     finally:
         # Launched once the client's answer is in hand, so the shadow's first steps never run ahead of it.
-        _mirror(route, op, body, ex, policy, resilience, False)
+        _mirror(route, op, body, ex, policy, resilience, stream)
+
+
+async def complete(route: Route, op: Op, body: dict, ex: Exchange, policy: CompiledPolicy,
+                   resilience: Resilience) -> Completion:
+    return cast(Completion, await _serve_and_mirror(route, op, body, ex, policy, resilience, False))
 
 
 async def open_stream(route: Route, op: Op, body: dict, ex: Exchange, policy: CompiledPolicy,
                       resilience: Resilience) -> ChunkStream:
     """Opens the stream; on a route with somewhere to fall back to, its first chunk has already arrived."""
-    if route.config.shadow is None:
-        return cast(ChunkStream, await _serve(route, op, body, ex, policy.routes, resilience.breakers, True))
-    try:
-        return cast(ChunkStream, await _serve(route, op, body, ex, policy.routes, resilience.breakers, True))
-    finally:
-        _mirror(route, op, body, ex, policy, resilience, True)
+    return cast(ChunkStream, await _serve_and_mirror(route, op, body, ex, policy, resilience, True))

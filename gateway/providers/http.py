@@ -87,6 +87,15 @@ class HttpTransport:
             raise UpstreamError("invalid", f"{self.provider}: upstream answered 200 with an error: {message}", None, error)
         return data, raw
 
+    def _event_object(self, data: bytes) -> dict:
+        try:
+            parsed = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise UpstreamError("invalid", f"{self.provider}: upstream sent an invalid stream event") from None
+        if not isinstance(parsed, dict):
+            raise UpstreamError("invalid", f"{self.provider}: upstream sent a stream event that is not an object")
+        return parsed
+
     async def openai_chunks(self, response: Response, reader: EventReader) -> AsyncIterator[dict]:
         """The chunks of an OpenAI-style stream up to `[DONE]`; one generator, since every hop costs per chunk."""
         provider = self.provider
@@ -94,12 +103,7 @@ class HttpTransport:
             async for _, data in reader:
                 if data == b"[DONE]":
                     return
-                try:
-                    chunk = orjson.loads(data)
-                except orjson.JSONDecodeError:
-                    raise UpstreamError("invalid", f"{provider}: upstream sent an invalid stream event") from None
-                if not isinstance(chunk, dict):
-                    raise UpstreamError("invalid", f"{provider}: upstream sent a stream event that is not an object")
+                chunk = self._event_object(data)
                 error = chunk.get("error")
                 if error:
                     error = error if isinstance(error, dict) else {"message": str(error)}
@@ -121,13 +125,7 @@ class HttpTransport:
                 if data == b"[DONE]":
                     yield name, None
                     continue
-                try:
-                    parsed = orjson.loads(data)
-                except orjson.JSONDecodeError:
-                    raise UpstreamError("invalid", f"{self.provider}: upstream sent an invalid stream event") from None
-                if not isinstance(parsed, dict):
-                    raise UpstreamError("invalid", f"{self.provider}: upstream sent a stream event that is not an object")
-                yield name, parsed
+                yield name, self._event_object(data)
         except TimeoutError as exc:
             raise UpstreamError("timeout", f"{self.provider}: the stream stalled past the timeout") from exc
         except (ConnectionError, ProtocolError) as exc:
