@@ -10,10 +10,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
+from gateway.api import add_routes
 from gateway.compiled import ProviderPool
 from gateway.context import GATEWAY, Gateway
 from gateway.errors import GatewayError
-from gateway.handlers import add_routes
 from gateway.inference import InferenceWriter
 from gateway.state import PolicyHolder, file_stamp
 from policies.loader import load_policy

@@ -13,7 +13,7 @@ from gateway.compiled import CompiledPolicy
 from gateway.exchange import Exchange
 from gateway.inference import InferenceWriter
 from gateway.state import PolicyHolder
-from gateway.upstream import Resilience
+from gateway.routing.upstream import Resilience
 from guardrails import Guardrails
 
 log = logging.getLogger("lockgate.inference")

@@ -15,7 +15,7 @@ from gateway.errors import GatewayError, bad_request, model_not_found, unauthori
 from gateway.exchange import Exchange
 from gateway.providers import Op
 from gateway.streaming import RelayOptions, relay
-from gateway.upstream import complete, open_stream
+from gateway.routing.upstream import complete, open_stream
 from policies.keys import Principal
 
 log = logging.getLogger("lockgate")

@@ -13,7 +13,7 @@ from gateway.exchange import Exchange
 from gateway.guarding import StreamGuard, failure, note_findings, violation
 from gateway.providers import ChunkStream, UpstreamError, Usage
 from gateway.sse import DONE, event
-from gateway.upstream import upstream_failure
+from gateway.routing.upstream import upstream_failure
 from guardrails import GuardrailError
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

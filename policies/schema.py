@@ -23,8 +23,17 @@ class ServerConfig(Strict):
     port: int = Field(8080, ge=0, le=65535)
     workers: int = Field(1, ge=1, le=256)
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024)
-    shutdown_timeout_s: float = Field(30.0, ge=0)
+    shutdown_timeout_s: float = Field(
+        30.0, ge=0, description="one deadline for the whole stop: draining requests, then writing the last rows")
     watch_interval_s: float = Field(1.0, gt=0, description="how often the policy file's mtime is checked")
+    header_timeout_s: float = Field(10.0, gt=0, description="longest time a client may take to send a request head")
+    body_timeout_s: float = Field(60.0, gt=0, description="longest time a client may take to send a request body")
+    keepalive_timeout_s: float = Field(75.0, gt=0, description="an idle keep-alive connection is closed after this")
+    write_timeout_s: float = Field(
+        30.0, gt=0, description="longest wait for a client to take one chunk of a streamed answer; a slower "
+        "reader is cut and its upstream or engine request aborted")
+    max_connections: int = Field(4096, ge=1, description="client connections per worker; more are refused")
+    max_json_depth: int = Field(64, ge=2, le=200, description="deepest nesting accepted in a request body")
 
 
 class KeyConfig(Strict):
@@ -73,6 +82,10 @@ class _HttpProvider(Strict):
     headers: dict[str, str] = {}
     timeout: TimeoutConfig = TimeoutConfig()
     max_connections: int = Field(256, ge=1)
+    max_head_bytes: int = Field(65_536, ge=1024, description="largest response head (status line and headers)")
+    max_response_bytes: int = Field(
+        32 * 1024 * 1024, ge=1024, description="largest non-streamed answer; a larger one is a 502 and a failover")
+    max_event_bytes: int = Field(1024 * 1024, ge=1024, description="largest single event of a streamed answer")
 
 
 class OpenAIProviderConfig(_HttpProvider):

@@ -7,7 +7,7 @@ import pytest
 
 from gateway.context import GATEWAY
 from gateway.exchange import Exchange
-from gateway.upstream import complete, open_stream
+from gateway.routing.upstream import complete, open_stream
 from tests.conftest import sdk
 from tests.fakes.flaky_upstream import FlakyOpenAI
 from tests.fakes.openai_upstream import WORDS

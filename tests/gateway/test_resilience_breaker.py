@@ -7,8 +7,8 @@ import asyncio
 import pytest
 from prometheus_client import REGISTRY
 
-from gateway.breaker import CLOSED, HALF_OPEN, OPEN, BreakerRegistry
 from gateway.context import GATEWAY
+from gateway.routing.breaker import CLOSED, HALF_OPEN, OPEN, BreakerRegistry
 from policies.schema import CircuitBreakerConfig
 from tests.conftest import policy_text, sdk
 from tests.fakes.flaky_upstream import FlakyOpenAI

@@ -11,8 +11,8 @@ from prometheus_client import REGISTRY
 
 from gateway.context import GATEWAY
 from gateway.exchange import Exchange
-from gateway.shadow import ShadowRunner
-from gateway.upstream import complete, open_stream
+from gateway.routing.shadow import ShadowRunner
+from gateway.routing.upstream import complete, open_stream
 from tests.conftest import sdk
 from tests.fakes.flaky_upstream import FlakyOpenAI
 from tests.fakes.openai_upstream import WORDS

@@ -14,7 +14,7 @@ import aiohttp
 from gateway.compiled import Target
 from gateway.context import GATEWAY
 from gateway.providers import Provider
-from gateway.routing import attempt_order, choose, stable_draw
+from gateway.routing.split import attempt_order, choose, stable_draw
 from tests.conftest import ADMIN_KEY, ALICE_KEY, BOB_KEY, sdk
 
 HI = [{"role": "user", "content": "hi"}]
@@ -56,7 +56,7 @@ def test_drained_targets_take_no_traffic_even_at_the_edges() -> None:
 
 
 def test_sticky_arm_is_the_same_in_another_process_with_another_hash_seed() -> None:
-    code = "from gateway.routing import stable_draw; print(repr(stable_draw('chat-default', 'alice')))"
+    code = "from gateway.routing.split import stable_draw; print(repr(stable_draw('chat-default', 'alice')))"
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert float(out.stdout) == stable_draw("chat-default", "alice")

@@ -11,14 +11,14 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from gateway import metrics
-from gateway.breaker import BreakerRegistry, CircuitBreaker
 from gateway.compiled import CompiledPolicy, Route, Target
 from gateway.errors import GatewayError, bad_request
 from gateway.exchange import Exchange
 from gateway.providers import ChunkStream, Completion, Op, UnsupportedOperation, UpstreamError, Usage
 from gateway.providers.anthropic_translate import TranslationError
-from gateway.routing import attempt_order, draw_for
-from gateway.shadow import ShadowRunner
+from gateway.routing.breaker import BreakerRegistry, CircuitBreaker
+from gateway.routing.shadow import ShadowRunner
+from gateway.routing.split import attempt_order, draw_for
 from policies.schema import CircuitBreakerConfig, RetryConfig
 
 _CLIENT_FAULTS = {400, 413, 415, 422}

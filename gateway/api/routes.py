@@ -1,0 +1,21 @@
+"""Every route of the gateway, in one place."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.api import admin, health, models, openai
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/chat/completions", openai.chat_completions)
+    app.router.add_post("/v1/completions", openai.completions)
+    app.router.add_post("/v1/embeddings", openai.embeddings)
+    app.router.add_get("/v1/models", models.list_models)
+    app.router.add_get("/v1/models/{model:.+}", models.get_model)
+    app.router.add_get("/healthz", health.healthz)
+    app.router.add_get("/readyz", health.readyz)
+    app.router.add_get("/metrics", health.metrics)
+    app.router.add_get("/admin/policy", admin.admin_policy)
+    app.router.add_post("/admin/reload", admin.admin_reload)
+    app.router.add_get("/admin/limits", admin.admin_limits)
