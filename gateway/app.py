@@ -6,22 +6,26 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from gateway.api import add_routes
+from gateway.api.routes import add_routes
 from gateway.compiled import ProviderPool
 from gateway.context import GATEWAY, Gateway
 from gateway.errors import GatewayError
 from gateway.inference import InferenceWriter
 from gateway.state import PolicyHolder, file_stamp
 from policies.loader import load_policy
+from policies.schema import ServerConfig
 from policies.tokens import install_offline_encodings
 
 log = logging.getLogger("lockgate")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# The listener's settings come from the policy the gateway started with: a reload cannot rebind a socket.
+SERVER_CONFIG: web.AppKey[ServerConfig] = web.AppKey("server_config", ServerConfig)
 
 
 @web.middleware
@@ -49,6 +53,7 @@ def create_app(policy_path: str | os.PathLike[str]) -> web.Application:
     holder = PolicyHolder(policy_path, pool)
     app = web.Application(middlewares=[openai_errors], client_max_size=server.max_request_bytes)
     app[GATEWAY] = Gateway(holder)
+    app[SERVER_CONFIG] = server
 
     async def policy_and_providers(app: web.Application) -> AsyncIterator[None]:
         await asyncio.to_thread(install_offline_encodings)
@@ -75,10 +80,14 @@ def create_app(policy_path: str | os.PathLike[str]) -> web.Application:
         writer.start()
         app[GATEWAY].writer = writer
         yield
-        await app[GATEWAY].drain_masking()
-        app[GATEWAY].writer = None
+        gateway = app[GATEWAY]
+        await gateway.drain_masking()
+        gateway.writer = None
+        # One deadline for the whole stop: the writer gets what the drain left of it (time.monotonic based).
+        deadline = gateway.stop_deadline
+        left = server.shutdown_timeout_s if deadline is None else max(deadline - time.monotonic(), 0.0)
         # In a thread: close() waits for the last batch to be written or spooled.
-        await asyncio.to_thread(writer.close, server.shutdown_timeout_s)
+        await asyncio.to_thread(writer.close, left)
 
     app.cleanup_ctx.append(inference_writer)
     app.cleanup_ctx.append(policy_and_providers)

@@ -2,26 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
 import orjson
-from aiohttp import web
+from aiohttp import http_exceptions, web
 
 from gateway import governance, guarding, metrics
+from gateway.api.connections import describe_fault
 from gateway.compiled import CompiledPolicy, Route
 from gateway.context import GATEWAY
 from gateway.errors import GatewayError, bad_request, model_not_found, unauthorized
 from gateway.exchange import Exchange
 from gateway.providers import Op
-from gateway.streaming import RelayOptions, relay
 from gateway.routing.upstream import complete, open_stream
+from gateway.streaming import RelayOptions, relay
 from policies.keys import Principal
+from policies.schema import ServerConfig
 
 log = logging.getLogger("lockgate")
 
 _REQUIRED: dict[str, str] = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
 _JSON = "application/json"
+_MAX_KEY_CHARS = 512
 
 
 def authenticate(request: web.Request, policy: CompiledPolicy) -> Principal:
@@ -31,24 +35,38 @@ def authenticate(request: web.Request, policy: CompiledPolicy) -> Principal:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise unauthorized("The Authorization header must be 'Bearer <key>'.")
-    principal = policy.keyring.authenticate(token.strip())
+    token = token.strip()
+    # A key is printable ASCII; anything else cannot match one, and must not reach the hash as text it cannot encode.
+    if not token.isascii() or not token.isprintable() or len(token) > _MAX_KEY_CHARS:
+        raise unauthorized("Incorrect API key provided.")
+    principal = policy.keyring.authenticate(token)
     if principal is None:
         raise unauthorized("Incorrect API key provided.")
     return principal
 
 
-async def read_body(request: web.Request, limit: int) -> dict:
+def _too_large(limit: int) -> GatewayError:
+    return GatewayError(413, f"The request body is larger than the limit of {limit} bytes.",
+                        "invalid_request_error", "request_too_large")
+
+
+async def read_body(request: web.Request, server: ServerConfig) -> dict:
+    limit = server.max_request_bytes
     if request.content_length is not None and request.content_length > limit:
-        raise GatewayError(413, f"The request body is larger than the limit of {limit} bytes.",
-                           "invalid_request_error", "request_too_large")
+        raise _too_large(limit)
     try:
-        raw = await request.read()
+        async with asyncio.timeout(server.body_timeout_s):
+            raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise GatewayError(413, f"The request body is larger than the limit of {limit} bytes.",
-                           "invalid_request_error", "request_too_large") from None
+        raise _too_large(limit) from None
+    except TimeoutError:
+        raise GatewayError(408, f"The request body did not arrive within {server.body_timeout_s:g} s.",
+                           "invalid_request_error", "request_timeout") from None
+    except http_exceptions.HttpProcessingError as exc:
+        status, code, message = describe_fault(exc)
+        raise GatewayError(status, message, "invalid_request_error", code) from None
     if len(raw) > limit:
-        raise GatewayError(413, f"The request body is larger than the limit of {limit} bytes.",
-                           "invalid_request_error", "request_too_large")
+        raise _too_large(limit)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -56,7 +74,25 @@ async def read_body(request: web.Request, limit: int) -> dict:
                           code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.", code="invalid_json")
+    # Counting brackets is C-speed; only a body with enough of them to be that deep is walked.
+    max_depth = server.max_json_depth
+    if raw.count(b"[") + raw.count(b"{") > max_depth and nesting_exceeds(body, max_depth):
+        raise bad_request(f"The request body is nested deeper than {max_depth} levels.", code="invalid_json")
     return body
+
+
+def nesting_exceeds(value: object, limit: int) -> bool:
+    """Whether containers nest deeper than limit; iterative, so a hostile body cannot exhaust the stack."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(item, dict):
+            stack.extend((child, depth + 1) for child in item.values() if isinstance(child, dict | list))
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item if isinstance(child, dict | list))
+    return False
 
 
 def _validate(body: dict, op: Op) -> bool:
@@ -64,13 +100,28 @@ def _validate(body: dict, op: Op) -> bool:
     value = body.get(field)
     if value is None:
         raise bad_request(f"Missing required parameter: '{field}'.", field, "missing_required_parameter")
-    if op == "chat" and (not isinstance(value, list) or not value):
-        raise bad_request("'messages' must be a non-empty array.", "messages", "invalid_type")
+    if op == "chat":
+        if not isinstance(value, list) or not value:
+            raise bad_request("'messages' must be a non-empty array.", "messages", "invalid_type")
+        for i, message in enumerate(value):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise bad_request(f"'messages[{i}]' must be an object with a string 'role'.", f"messages[{i}]",
+                                  "invalid_type")
     stream = body.get("stream", False)
     if not isinstance(stream, bool) and stream is not None:
         raise bad_request("'stream' must be a boolean.", "stream", "invalid_type")
     if stream and op == "embeddings":
         raise bad_request("Embeddings cannot be streamed.", "stream", "invalid_value")
+    options = body.get("stream_options")
+    if options is not None:
+        if not isinstance(options, dict):
+            raise bad_request("'stream_options' must be an object.", "stream_options", "invalid_type")
+        if not isinstance(options.get("include_usage", False), bool):
+            raise bad_request("'stream_options.include_usage' must be a boolean.", "stream_options.include_usage",
+                              "invalid_type")
+        if not stream:
+            raise bad_request("'stream_options' is only allowed when 'stream' is true.", "stream_options",
+                              "invalid_value")
     return bool(stream)
 
 
@@ -94,7 +145,7 @@ def _client_metadata(request: web.Request, body: dict, ex: Exchange) -> None:
 async def serve(request: web.Request, op: Op, policy: CompiledPolicy, ex: Exchange) -> web.StreamResponse:
     principal = authenticate(request, policy)
     ex.key_id, ex.user, ex.groups = principal.key_id, principal.user, principal.groups
-    body = await read_body(request, policy.loaded.policy.server.max_request_bytes)
+    body = await read_body(request, policy.loaded.policy.server)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad_request("You must provide a model parameter.", "model", "missing_required_parameter")
@@ -161,6 +212,15 @@ async def handle(request: web.Request, op: Op, policy: CompiledPolicy) -> web.St
         metrics.count_error(err.code or err.type, err.status)
         response = err.response()
         response.headers["x-request-id"] = ex.request_id
+        if err.status in (408, 413):
+            # The body was not read to its end, so the connection cannot carry another request.
+            response.force_close()
+    except asyncio.CancelledError:
+        # Cut off at the drain deadline: the client gets no answer, but the table still gets the row.
+        ex.status, ex.error_type, ex.error_code = 503, "api_error", "gateway_stopping"
+        metrics.count_error("gateway_stopping", 503)
+        request.app[GATEWAY].record(ex, time.perf_counter(), policy)
+        raise
     finally:
         metrics.IN_FLIGHT.dec()
     finished = time.perf_counter()

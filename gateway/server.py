@@ -8,15 +8,19 @@ import multiprocessing
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass
 
 import uvloop
 from aiohttp import web
 
-from gateway.app import create_app
+from gateway.api.connections import ClientLimits, GatewayRunner
+from gateway.app import SERVER_CONFIG, create_app
 from gateway.context import GATEWAY
 
 log = logging.getLogger("lockgate")
+# How long an unread request body is still read (and dropped) after an early answer, so the client sees the answer.
+_LINGER_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -38,9 +42,20 @@ def configure_logging() -> None:
     logging.getLogger("presidio-analyzer").setLevel(logging.ERROR)
 
 
+def drain_share_s(shutdown_timeout_s: float) -> float:
+    """The part of the stop deadline given to in-flight requests; the rest is kept for writing the last rows."""
+    return shutdown_timeout_s - min(5.0, shutdown_timeout_s / 3)
+
+
 async def _serve_worker(options: ServeOptions, reuse_port: bool) -> None:
     app = create_app(options.policy_path)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=options.shutdown_timeout_s)
+    server = app[SERVER_CONFIG]
+    limits = ClientLimits(server.header_timeout_s, server.write_timeout_s, server.max_connections)
+    runner = GatewayRunner(app, limits=limits, handle_signals=False, access_log=None,
+                           shutdown_timeout=drain_share_s(options.shutdown_timeout_s),
+                           keepalive_timeout=server.keepalive_timeout_s,
+                           max_field_size=8190, max_line_size=8190, max_headers=128,
+                           lingering_time=_LINGER_S)
     await runner.setup()
     site = web.TCPSite(runner, options.host, options.port, reuse_port=reuse_port or None, backlog=2048)
     await site.start()
@@ -52,7 +67,8 @@ async def _serve_worker(options: ServeOptions, reuse_port: bool) -> None:
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(holder.reload()))
     log.info("serving on http://%s:%d (policy %s)", options.host, options.port, app[GATEWAY].policy.version)
     await stop.wait()
-    log.info("draining in-flight requests (up to %.0f s)", options.shutdown_timeout_s)
+    app[GATEWAY].stop_deadline = time.monotonic() + options.shutdown_timeout_s
+    log.info("draining in-flight requests (up to %.0f s)", drain_share_s(options.shutdown_timeout_s))
     await runner.cleanup()
     log.info("stopped")
 
