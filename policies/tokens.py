@@ -94,7 +94,29 @@ def _content_tokens(encoding: tiktoken.Encoding, content: Any) -> int:
 
 
 def _json_tokens(encoding: tiktoken.Encoding, value: Any) -> int:
-    return _text_tokens(encoding, orjson.dumps(value).decode())
+    try:
+        return _text_tokens(encoding, orjson.dumps(value).decode())
+    except TypeError:
+        # Nested deeper than orjson writes (255 levels), or an integer beyond 64 bits: count its parts instead.
+        return _parts_tokens(encoding, value)
+
+
+def _parts_tokens(encoding: tiktoken.Encoding, value: Any) -> int:
+    """Tokens of every key and text in a JSON value plus one per other part; walked without recursion."""
+    total = 0
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            total += _text_tokens(encoding, item)
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        else:
+            total += 1
+    return total
 
 
 def chat_tokens(encoding: tiktoken.Encoding, body: dict[str, Any]) -> int:
@@ -119,14 +141,22 @@ def chat_tokens(encoding: tiktoken.Encoding, body: dict[str, Any]) -> int:
 
 
 def _strings_or_token_lists(encoding: tiktoken.Encoding, value: Any) -> int:
-    """Completions prompts and embeddings inputs: a string, a list of strings, or pre-tokenized lists."""
-    if isinstance(value, str):
-        return _text_tokens(encoding, value)
-    if not isinstance(value, list):
-        return 0
-    if value and all(isinstance(item, int) for item in value):
-        return len(value)
-    return sum(_strings_or_token_lists(encoding, item) for item in value)
+    """Completions prompts and embeddings inputs: a string, a list of strings, or pre-tokenized lists.
+
+    Walked with a stack, not recursion: a client's nesting, however deep, cannot exhaust the interpreter's stack.
+    """
+    total = 0
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            total += _text_tokens(encoding, item)
+        elif isinstance(item, list):
+            if item and all(isinstance(part, int) for part in item):
+                total += len(item)
+            else:
+                stack.extend(item)
+    return total
 
 
 def count_prompt_tokens(model: str, op: str, body: dict[str, Any]) -> int:

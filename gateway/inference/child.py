@@ -14,6 +14,7 @@ import pickle
 import signal
 import struct
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -23,7 +24,7 @@ from typing import Any
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import DataError
 
-from gateway.inference.rows import COLUMNS, batch_token, to_row
+from gateway.inference.rows import COLUMNS, batch_token, safe_row
 from gateway.inference.spool import Spool
 from gateway.inference.store import DEDUP_SETTINGS, connect, migrate
 from gateway.inference.wire import decode_frames
@@ -38,6 +39,8 @@ NICENESS = 10
 MAX_RETRY_S = 30.0
 # Errors that say the batch itself cannot be encoded: replaying it would fail forever and block the spool.
 POISON_ERRORS = (DataError, TypeError, ValueError, OverflowError)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+UNTYPABLE = "untypable"
 
 
 @dataclass(frozen=True)
@@ -54,8 +57,10 @@ class ChildOptions:
 
 def main(fd: int) -> None:
     """The process's entry point: `fd` is its end of the socket pair; the first message is its ChildOptions."""
-    # Ctrl-C reaches the whole process group; the gateway decides when this ends (it closes the pipe).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C and systemd signal every process of the group or unit at once: were this one to end first, the last
+    # rows would miss ClickHouse. The gateway decides when it ends (a goodbye, a kill past the deadline, or EOF).
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
     # Background work: when CPUs are short, the gateway's event loop gets them first and this catches up later.
     os.nice(NICENESS)
     conn = Connection(fd)
@@ -70,29 +75,51 @@ class ChildWriter:
     def __init__(self, conn: Connection, options: ChildOptions) -> None:
         self.conn = conn
         self.options = options
-        self.spool = Spool(options.spool_dir, count=False)
+        self.spool = Spool(options.spool_dir, owner=False)
         self.client: Client | None = None
         self.retry_at = 0.0
         self.retry_s = MIN_RETRY_S
         self.flush_ids: list[int] = []
+        # Spool files still to replay, from one listing: the folder is listed again only once these are done.
+        self.to_replay: deque[Path] = deque()
+        self.stuck: set[Path] = set()
+        self.errors_seen: set[str] = set()
 
     def serve(self) -> None:
         try:
-            while True:
-                self.ensure_client()
-                replaying = self.client is not None and bool(self.spool.files())
-                if not replaying:
-                    self.answer_flushes()
-                if self.conn.poll(0.0 if replaying else self.options.idle_s):
-                    if not self.handle(self.conn.recv_bytes()):
-                        return
-                elif replaying:
-                    self.replay_oldest()
+            while self.step():
+                pass
         except (EOFError, OSError):
             return
         finally:
             if self.client is not None:
                 self.client.close()
+
+    def step(self) -> bool:
+        """One message handled or one spool file replayed; False after the goodbye. Survives any bug but the pipe's."""
+        try:
+            self.ensure_client()
+            replaying = self.client is not None and self.has_spool_files()
+            if not replaying:
+                self.answer_flushes()
+            if self.conn.poll(0.0 if replaying else self.options.idle_s):
+                return self.handle(self.conn.recv_bytes())
+            if replaying:
+                self.replay_oldest()
+        except (EOFError, OSError):
+            raise
+        except Exception as error:
+            kind = type(error).__name__
+            if kind not in self.errors_seen:
+                self.errors_seen.add(kind)
+                log.exception("inference writer process: unexpected %s; carrying on (logged once per kind)", kind)
+            self.conn.send(("error", kind))
+        return True
+
+    def has_spool_files(self) -> bool:
+        if not self.to_replay:
+            self.to_replay.extend(path for path in self.spool.files() if path not in self.stuck)
+        return bool(self.to_replay)
 
     def handle(self, message: bytes) -> bool:
         kind = message[:1]
@@ -124,28 +151,51 @@ class ChildWriter:
     def insert(self, records: list[dict[str, Any]]) -> None:
         assert self.client is not None
         options = self.options
-        rows = [to_row(record, log_payloads=options.log_payloads, max_payload_bytes=options.max_payload_bytes)
-                for record in records]
+        rows = []
+        untypable: list[str] = []
+        for record in records:
+            row, typed = safe_row(record, log_payloads=options.log_payloads, max_payload_bytes=options.max_payload_bytes)
+            rows.append(row)
+            if not typed:
+                untypable.append(row[0])
         settings = {**DEDUP_SETTINGS, "insert_deduplication_token": batch_token(records)}
         self.client.insert(f"{options.database}.inference", rows, column_names=COLUMNS, settings=settings)
+        if untypable:
+            self.conn.send(("unencodable", UNTYPABLE, len(untypable), untypable[0]))
 
     def replay_oldest(self) -> None:
-        path = self.spool.files()[0]
+        path = self.to_replay.popleft()
         try:
             records = self.spool.read(path)
+        except FileNotFoundError:
+            return
         except (OSError, ValueError):
-            self.conn.send(("rejected", *self.spool.reject(path), "unreadable_spool"))
+            self.settle(path, "unreadable_spool")
             return
         try:
             self.insert(records)
         except POISON_ERRORS:
             log.exception("spooled batch %s cannot be encoded; moved to %s", path, self.spool.rejected_directory)
-            self.conn.send(("rejected", *self.spool.reject(path), "rejected"))
+            self.settle(path, "rejected")
             return
         except Exception as error:
+            self.to_replay.appendleft(path)
             self.lost_connection(error)
             return
-        self.conn.send(("replayed", *self.spool.remove(path)))
+        self.settle(path, None)
+
+    def settle(self, path: Path, rejected_because: str | None) -> None:
+        """Remove a replayed file (or set a rejected one aside) and tell the gateway; one that stays is never retried."""
+        try:
+            rows, size = self.spool.remove(path) if rejected_because is None else self.spool.reject(path)
+        except OSError:
+            log.exception("spool file %s cannot be removed; it is replayed again at the next start", path)
+            self.stuck.add(path)
+            return
+        if rejected_because is None:
+            self.conn.send(("replayed", rows, size))
+        else:
+            self.conn.send(("rejected", rows, size, rejected_because))
 
     def answer_flushes(self) -> None:
         """A flush is answered once the spool is empty or ClickHouse is away; batches before it are acked already."""

@@ -1,15 +1,20 @@
-"""Prometheus metrics of the inference-table writer."""
+"""Prometheus metrics of the inference-table writer, and the log of its mishaps (once per kind)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import threading
+from dataclasses import dataclass, field
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
+
+log = logging.getLogger("gateway.inference.writer")
 
 
 @dataclass(frozen=True)
 class WriterMetrics:
     queue_depth: Gauge
+    queue_bytes: Gauge
     spool_bytes: Gauge
     spool_rows: Gauge
     rows_written: Counter
@@ -17,6 +22,8 @@ class WriterMetrics:
     rows_spooled: Counter
     rows_dropped: Counter
     process_restarts: Counter
+    records_unencodable: Counter
+    errors: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> WriterMetrics:
@@ -24,6 +31,10 @@ class WriterMetrics:
         prefix = "lockgate_inference_"
         return cls(
             queue_depth=Gauge(f"{prefix}queue_depth", "Records waiting in memory for the writer", registry=registry),
+            queue_bytes=Gauge(
+                f"{prefix}queue_bytes", "Bytes of encoded batches held in memory (waiting or being written)",
+                registry=registry,
+            ),
             spool_bytes=Gauge(f"{prefix}spool_bytes", "Bytes of batches spooled on disk", registry=registry),
             spool_rows=Gauge(f"{prefix}spool_rows", "Rows of batches spooled on disk", registry=registry),
             rows_written=Counter(f"{prefix}rows_written", "Rows inserted into ClickHouse", registry=registry),
@@ -38,4 +49,42 @@ class WriterMetrics:
                 f"{prefix}process_restarts", "Times the writer process ended unexpectedly and was started again",
                 registry=registry,
             ),
+            records_unencodable=Counter(
+                f"{prefix}records_unencodable",
+                "Records written with a value or payload replaced by a marker because it could not be encoded, by reason",
+                ["reason"], registry=registry,
+            ),
+            errors=Counter(
+                f"{prefix}errors", "Unexpected errors the writer survived, by where they happened", ["where"],
+                registry=registry,
+            ),
         )
+
+
+@dataclass
+class Mishaps:
+    """Counts what went wrong and logs each kind once: one hostile record repeated must not flood the log."""
+
+    metrics: WriterMetrics
+    _seen: set[tuple[str, str]] = field(default_factory=set)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _first(self, where: str, kind: str) -> bool:
+        with self._lock:
+            if (where, kind) in self._seen:
+                return False
+            self._seen.add((where, kind))
+            return True
+
+    def unencodable(self, reason: str, request_id: str, count: int = 1) -> None:
+        self.metrics.records_unencodable.labels(reason).inc(count)
+        if self._first("unencodable", reason):
+            log.warning("inference record %s could not be encoded (%s): it is written with the value replaced by a "
+                        "marker (logged once per reason, counted in lockgate_inference_records_unencodable_total)",
+                        request_id, reason)
+
+    def error(self, where: str, error: BaseException) -> None:
+        self.metrics.errors.labels(where).inc()
+        if self._first(where, type(error).__name__):
+            log.error("inference writer %s: unexpected %s, carrying on (logged once per kind)", where,
+                      type(error).__name__, exc_info=error)

@@ -1,7 +1,8 @@
 """One writer process as the gateway sees it: the spawned process, its end of the pipe, and the thread reading it.
 
 A fresh interpreter (`python -c`), not multiprocessing's spawn: that would re-run the gateway's `__main__` module
-in the child, and a script without a `__name__` guard would start a gateway there.
+in the child, and a script without a `__name__` guard would start a gateway there. It runs in a session of its
+own, so a terminal's Ctrl-C or a signal to the gateway's process group never reaches it: the gateway ends it.
 """
 
 from __future__ import annotations
@@ -32,12 +33,14 @@ class WriterProcess:
         on_message: Callable[[WriterProcess, tuple[Any, ...]], None],
         on_exit: Callable[[WriterProcess], None],
         is_hung: Callable[[], bool],
+        on_error: Callable[[Exception], None],
     ) -> None:
         self._process = process
         self._conn = conn
         self._on_message = on_message
         self._on_exit = on_exit
         self._is_hung = is_hung
+        self._on_error = on_error
         self._send_lock = threading.Lock()
         self._receiver = threading.Thread(target=self._receive_loop, name="lockgate-inference-receiver", daemon=True)
 
@@ -48,6 +51,7 @@ class WriterProcess:
         on_message: Callable[[WriterProcess, tuple[Any, ...]], None],
         on_exit: Callable[[WriterProcess], None],
         is_hung: Callable[[], bool],
+        on_error: Callable[[Exception], None],
     ) -> WriterProcess:
         parent_end, child_end = socket.socketpair()
         # The child imports what this process can: the gateway, and whatever `options` pickles by reference.
@@ -55,14 +59,14 @@ class WriterProcess:
         try:
             process = subprocess.Popen(
                 [sys.executable, "-c", ENTRY, str(child_end.fileno())], pass_fds=[child_end.fileno()],
-                stdin=subprocess.DEVNULL, env=env,
+                stdin=subprocess.DEVNULL, env=env, start_new_session=True,
             )
         finally:
             # Only the child may hold its end: when this process ends, the child reads EOF and exits.
             child_end.close()
         conn = Connection(parent_end.detach())
         conn.send_bytes(pickle.dumps(options))
-        handle = cls(process, conn, on_message, on_exit, is_hung)
+        handle = cls(process, conn, on_message, on_exit, is_hung, on_error)
         handle._receiver.start()
         return handle
 
@@ -92,11 +96,18 @@ class WriterProcess:
             self.kill()
         self._receiver.join(timeout + REAP_S)
 
+    def _deliver(self, data: bytes) -> None:
+        """One message to the writer; whatever goes wrong with it, this thread goes on reading the next."""
+        try:
+            self._on_message(self, pickle.loads(data))
+        except Exception as error:
+            self._on_error(error)
+
     def _receive_loop(self) -> None:
         try:
             while True:
                 if self._conn.poll(WATCH_S):
-                    self._on_message(self, self._conn.recv())
+                    self._deliver(self._conn.recv_bytes())
                 elif self._is_hung():
                     log.error("inference writer process %s stopped answering; killing it", self.pid)
                     self.kill()
@@ -109,4 +120,7 @@ class WriterProcess:
             self._process.wait()
         with self._send_lock:
             self._conn.close()
-        self._on_exit(self)
+        try:
+            self._on_exit(self)
+        except Exception as error:
+            self._on_error(error)

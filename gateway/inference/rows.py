@@ -9,6 +9,8 @@ from typing import Any
 
 import orjson
 
+from gateway.inference.wire import PAYLOAD_MARKER, safe_text, unencodable_reason
+
 COLUMNS: tuple[str, ...] = (
     "request_id", "ts", "key_id", "user", "groups", "route", "provider", "model", "endpoint", "status",
     "error_type", "error_code", "streamed", "prompt_tokens", "completion_tokens", "cached_tokens",
@@ -27,12 +29,15 @@ _UINT_LIMITS = {
 }
 _FLOATS = ("latency_ms", "ttft_ms", "upstream_ms", "overhead_ms")
 TRUNCATION_MARKER = "...[truncated by lockgate: {size} bytes]"
+# DateTime64's last second (2299-12-31 23:59:59 UTC): a later timestamp would not insert.
+_MAX_TS = 10_413_791_999.0
+ROW_MARKER = "[payload not stored: the record could not be turned into a row]"
 
 
 def _uint(value: Any, limit: int) -> int:
     try:
         number = int(value or 0)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return 0
     return min(max(number, 0), limit)
 
@@ -40,9 +45,26 @@ def _uint(value: Any, limit: int) -> int:
 def _float(value: Any) -> float:
     try:
         number = float(value or 0.0)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return 0.0
     return number if number == number and number >= 0.0 else 0.0
+
+
+def _timestamp(value: Any) -> datetime:
+    try:
+        seconds = float(value or 0.0)
+    except (TypeError, ValueError, OverflowError):
+        seconds = 0.0
+    seconds = min(max(seconds, 0.0), _MAX_TS) if seconds == seconds else 0.0
+    return datetime.fromtimestamp(seconds, UTC)
+
+
+def _texts(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, Iterable) or isinstance(value, Mapping):
+        return []
+    return [str(item) for item in value]
 
 
 def truncate_payload(payload: str, max_bytes: int) -> tuple[str, bool]:
@@ -64,9 +86,9 @@ def payload_text(payload: Any) -> str:
     if isinstance(payload, bytes | bytearray | memoryview):
         return bytes(payload).decode("utf-8", "replace")
     try:
-        return orjson.dumps(payload, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
-    except orjson.JSONEncodeError:
-        return str(payload)
+        return orjson.dumps(payload, default=safe_text, option=orjson.OPT_NON_STR_KEYS).decode()
+    except Exception as error:
+        return PAYLOAD_MARKER.format(reason=unencodable_reason(error)[1])
 
 
 def _findings(raw: Any) -> list[tuple[str, str, str, int]]:
@@ -87,12 +109,9 @@ def to_row(record: Mapping[str, Any], *, log_payloads: bool, max_payload_bytes: 
     values: dict[str, Any] = {name: str(record.get(name) or "") for name in _STRINGS}
     values.update({name: _uint(record.get(name), limit) for name, limit in _UINT_LIMITS.items()})
     values.update({name: _float(record.get(name)) for name in _FLOATS})
-    try:
-        values["ts"] = datetime.fromtimestamp(float(record.get("ts") or 0.0), UTC)
-    except (TypeError, ValueError, OverflowError, OSError):
-        values["ts"] = datetime.fromtimestamp(0.0, UTC)
-    values["groups"] = [str(group) for group in record.get("groups") or ()]
-    values["fallbacks"] = [str(item) for item in record.get("fallbacks") or ()]
+    values["ts"] = _timestamp(record.get("ts"))
+    values["groups"] = _texts(record.get("groups"))
+    values["fallbacks"] = _texts(record.get("fallbacks"))
     values["streamed"] = bool(record.get("streamed"))
     values["is_shadow"] = bool(record.get("is_shadow"))
     values["guardrail_findings"] = _findings(record.get("guardrail_findings"))
@@ -105,6 +124,19 @@ def to_row(record: Mapping[str, Any], *, log_payloads: bool, max_payload_bytes: 
         truncated = truncated or cut
     values["payload_truncated"] = truncated
     return [values[name] for name in COLUMNS]
+
+
+def safe_row(record: Any, *, log_payloads: bool, max_payload_bytes: int) -> tuple[list[Any], bool]:
+    """The record's row and True, or, when it cannot be typed at all, a row of its request id, time and a marker."""
+    try:
+        return to_row(record, log_payloads=log_payloads, max_payload_bytes=max_payload_bytes), True
+    except Exception:
+        request_id = record.get("request_id") if isinstance(record, Mapping) else record
+        ts = record.get("ts") if isinstance(record, Mapping) else None
+        marker = ROW_MARKER if log_payloads else ""
+        bare = {"request_id": safe_text(request_id), "ts": ts if isinstance(ts, int | float | str) else None,
+                "request_payload": marker}
+        return to_row(bare, log_payloads=log_payloads, max_payload_bytes=max_payload_bytes), False
 
 
 def batch_token(records: Iterable[Mapping[str, Any]]) -> str:

@@ -17,15 +17,20 @@ from typing import Any
 from gateway.inference.wire import FRAME_ROWS, decode_frames, encode_frame
 
 SUFFIX = ".jsonl"
+PARTIAL_SUFFIX = ".tmp"
+# A partial file this old is no write in progress (one takes milliseconds), whoever's pid its name carries.
+ORPHAN_AGE_S = 60.0
 
 
 class Spool:
     """Each batch is one file written whole (temp file + rename), so a crash never leaves half a batch behind.
 
     A file holds one frame per line; its name carries its row count (`<ns>-<pid>-<seq>-<rows>r.jsonl`).
+    The owner (the gateway's process) counts the files at start and removes partial ones a crash left behind;
+    the writer process opens the same folder to replay it.
     """
 
-    def __init__(self, directory: str | os.PathLike[str], *, count: bool = True) -> None:
+    def __init__(self, directory: str | os.PathLike[str], *, owner: bool = True) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.rejected_directory = self.directory / "rejected"
@@ -33,10 +38,28 @@ class Spool:
         self._sequence = itertools.count()
         self._bytes = 0
         self._rows = 0
-        if count:
+        self.orphans_removed = 0
+        if owner:
+            self.orphans_removed = self._remove_orphans()
             for path in self.files():
                 self._bytes += path.stat().st_size
                 self._rows += rows_in(path)
+
+    def _remove_orphans(self) -> int:
+        """Delete partial files (never complete batches: those are renamed) that no running writer is writing."""
+        removed = 0
+        now = time.time()
+        for entry in os.scandir(self.directory):
+            if not (entry.name.startswith(".") and entry.name.endswith(PARTIAL_SUFFIX) and entry.is_file()):
+                continue
+            try:
+                if _writer_alive(entry.name) and now - entry.stat().st_mtime < ORPHAN_AGE_S:
+                    continue
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
+            removed += 1
+        return removed
 
     @property
     def bytes(self) -> int:
@@ -47,8 +70,10 @@ class Spool:
         return self._rows
 
     def files(self) -> list[Path]:
-        """Spooled batches, oldest first (names start with a zero-padded nanosecond clock)."""
-        return sorted(self.directory.glob(f"*{SUFFIX}"))
+        """Spooled batches, oldest first (names start with a zero-padded nanosecond clock): one listing."""
+        names = [entry.name for entry in os.scandir(self.directory)
+                 if entry.name.endswith(SUFFIX) and not entry.name.startswith(".")]
+        return [self.directory / name for name in sorted(names)]
 
     def write(self, records: Sequence[dict[str, Any]]) -> Path:
         frames = [encode_frame(records[start:start + FRAME_ROWS]) for start in range(0, len(records), FRAME_ROWS)]
@@ -57,7 +82,7 @@ class Spool:
     def write_frames(self, frames: Sequence[bytes], rows: int) -> Path:
         name = f"{time.time_ns():020d}-{os.getpid()}-{next(self._sequence):08d}-{rows}r{SUFFIX}"
         final = self.directory / name
-        partial = self.directory / f".{name}.tmp"
+        partial = self.directory / f".{name}{PARTIAL_SUFFIX}"
         with open(partial, "wb") as handle:
             for frame in frames:
                 handle.write(frame)
@@ -66,6 +91,8 @@ class Spool:
             os.fsync(handle.fileno())
             size = handle.tell()
         os.replace(partial, final)
+        # The rename is durable only once the folder's entry is on disk too.
+        _fsync_directory(self.directory)
         with self._lock:
             self._bytes += size
             self._rows += rows
@@ -102,3 +129,25 @@ def rows_in(path: Path) -> int:
     if last.endswith("r") and last[:-1].isdigit():
         return int(last[:-1])
     return sum(1 for line in path.read_bytes().splitlines() if line.strip())
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _writer_alive(partial_name: str) -> bool:
+    """Whether the process whose pid the partial file's name carries (`.<ns>-<pid>-...`) still runs."""
+    fields = partial_name[1:].split("-")
+    if len(fields) < 2 or not fields[1].isdigit():
+        return False
+    try:
+        os.kill(int(fields[1]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

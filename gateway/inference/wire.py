@@ -2,57 +2,160 @@
 
 A batch is a sequence of frames; a frame is one JSON array of records, serialized by one orjson call.
 Frames stay small so that no single call holds the GIL for long in the gateway's process.
+
+Encoding never fails: a record orjson refuses is encoded field by field, a payload that cannot be encoded is
+replaced by a marker naming the reason, and any other bad value becomes text, so the row is still written.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import orjson
 
 FRAME_ROWS = 256
+PAYLOADS = ("request_payload", "response_payload")
+PAYLOAD_MARKER = "[payload not stored: {reason}]"
+VALUE_MARKER = "[value not stored: {reason}]"
 _OPTIONS = orjson.OPT_NON_STR_KEYS
+# orjson's messages, in the words a row's marker uses; the label is the metric's `reason`.
+_REASONS = (
+    ("Recursion limit", "too_deep", "nested deeper than 255 levels"),
+    ("Integer exceeds", "integer_out_of_range", "an integer beyond 64 bits"),
+    ("not valid UTF-8", "invalid_utf8", "text that is not valid UTF-8"),
+    ("Dict key", "bad_key", "an object key that is not text"),
+)
+UNSERIALIZABLE = ("unserializable", "a value that cannot be written as JSON")
+NOT_A_RECORD = "not_a_record"
+
+# Called with the reason label and the request id once for each record the fallback path had to alter.
+OnUnencodable = Callable[[str, str], None]
+
+
+def safe_text(value: Any) -> str:
+    """str(value) that cannot raise and is valid UTF-8."""
+    try:
+        text = value if isinstance(value, str) else str(value)
+    except Exception:
+        return f"<{type(value).__name__} that cannot be shown>"
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode()
+    return text
 
 
 def _fallback(value: Any) -> Any:
     if isinstance(value, bytes | bytearray | memoryview):
         return bytes(value).decode("utf-8", "replace")
-    if isinstance(value, set | frozenset | tuple):
+    if isinstance(value, set | frozenset):
         return list(value)
-    return str(value)
+    return safe_text(value)
 
 
-def _plain(record: Any) -> dict[str, Any]:
-    """A record orjson refused whole (an int beyond 64 bits, a cycle): each bad value becomes its str()."""
-    if not isinstance(record, dict):
-        return {"request_id": str(record)}
-    plain: dict[str, Any] = {}
-    for key, value in record.items():
-        try:
-            orjson.dumps(value, default=_fallback, option=_OPTIONS)
-            plain[str(key)] = value
-        except (TypeError, orjson.JSONEncodeError):
-            plain[str(key)] = str(value)
-    return plain
+def _dumps(value: Any) -> bytes:
+    return orjson.dumps(value, default=_fallback, option=_OPTIONS)
 
 
-def encode_frame(records: Sequence[Any]) -> bytes:
+def unencodable_reason(error: Exception) -> tuple[str, str]:
+    message = str(error)
+    for fragment, label, words in _REASONS:
+        if fragment in message:
+            return label, words
+    return UNSERIALIZABLE
+
+
+def _encode_field(name: str, value: Any) -> tuple[bytes, str | None]:
+    """`"name":value` as JSON, or with a replacement value and the reason label.
+
+    Encoded inside an object inside a list, as it sits in a frame, so that the depth limit counts the same.
+    """
     try:
-        return orjson.dumps(records, default=_fallback, option=_OPTIONS)
-    except (TypeError, orjson.JSONEncodeError):
-        return orjson.dumps([_plain(record) for record in records], default=_fallback, option=_OPTIONS)
+        return _dumps([{name: value}])[2:-2], None
+    except Exception as error:
+        label, words = unencodable_reason(error)
+    if name in PAYLOADS and not isinstance(value, str):
+        replacement: Any = PAYLOAD_MARKER.format(reason=words)
+    else:
+        replacement = _coerced(value, words)
+    return _dumps({name: replacement})[1:-1], label
+
+
+def _coerced(value: Any, words: str) -> Any:
+    """A value orjson refused, made writable: text as text, and a mapping or list item by item, one level deep."""
+    if isinstance(value, str | int) and not isinstance(value, bool):
+        return safe_text(value)
+    try:
+        if isinstance(value, dict):
+            return {safe_text(key): _item(item) for key, item in list(value.items())}
+        if isinstance(value, list | tuple | set | frozenset):
+            return [_item(item) for item in list(value)]
+    except Exception:
+        pass
+    return VALUE_MARKER.format(reason=words)
+
+
+def _item(value: Any) -> Any:
+    try:
+        # Inside the frame's list, the record and the field: as deep as it sits in the frame.
+        _dumps([{"": {"": value}}])
+        return value
+    except Exception as error:
+        if isinstance(value, str | int) and not isinstance(value, bool):
+            return safe_text(value)
+        return VALUE_MARKER.format(reason=unencodable_reason(error)[1])
+
+
+def _encode_record(record: Any, on_unencodable: OnUnencodable | None) -> bytes:
+    try:
+        return _dumps([record])[1:-1]
+    except Exception:
+        pass
+    if not isinstance(record, dict):
+        if on_unencodable is not None:
+            on_unencodable(NOT_A_RECORD, "")
+        return _dumps({"request_id": safe_text(record)})
+    fields: list[bytes] = []
+    first_reason: str | None = None
+    for key, value in list(record.items()):
+        encoded, reason = _encode_field(safe_text(key), value)
+        first_reason = first_reason or reason
+        fields.append(encoded)
+    if first_reason is not None and on_unencodable is not None:
+        on_unencodable(first_reason, safe_text(record.get("request_id")))
+    return b"{" + b",".join(fields) + b"}"
+
+
+def _encode_any(record: Any, on_unencodable: OnUnencodable | None) -> bytes:
+    try:
+        return _encode_record(record, on_unencodable)
+    except Exception:
+        # A record that even field by field cannot be read (a mapping whose items() raises): its id, if any.
+        request_id = dict.get(record, "request_id") if isinstance(record, dict) else None
+        if on_unencodable is not None:
+            on_unencodable(UNSERIALIZABLE[0], safe_text(request_id))
+        return _dumps({"request_id": safe_text(request_id),
+                       "request_payload": PAYLOAD_MARKER.format(reason=UNSERIALIZABLE[1])})
+
+
+def encode_frame(records: Sequence[Any], on_unencodable: OnUnencodable | None = None) -> bytes:
+    try:
+        return _dumps(records)
+    except Exception:
+        return b"[" + b",".join(_encode_any(record, on_unencodable) for record in records) + b"]"
 
 
 def decode_frames(frames: Iterable[bytes]) -> list[dict[str, Any]]:
-    """Records from frames or from lines of a spool file, where a line is a frame or (older files) one record."""
+    """Records from frames or from lines of a spool file, where a line is a frame or (older files) one record.
+
+    A value that is not an object (only a damaged file has one) becomes a record carrying it as its request id.
+    """
     records: list[dict[str, Any]] = []
     for frame in frames:
         if not frame.strip():
             continue
         value = orjson.loads(frame)
-        if isinstance(value, list):
-            records.extend(value)
-        else:
-            records.append(value)
+        for record in value if isinstance(value, list) else [value]:
+            records.append(record if isinstance(record, dict) else {"request_id": safe_text(record)})
     return records

@@ -5,13 +5,15 @@ slow or absent ClickHouse, or the chdb engine's own CPU time, never holds this p
 appends to a deque; a feeder thread serializes batches in small frames (one short orjson call each) and sends them
 down a pipe; a receiver thread per writer process reads its acks. A batch stays in memory until acked, and goes to
 the spool when the process refuses it, dies, or hangs, so nothing is lost and a replay carries the same records
-(and so the same dedup token) as the first try.
+(and so the same dedup token) as the first try. Encoded batches held in memory are bounded in rows and bytes:
+past either bound the oldest go to the spool, and only when the spool refuses them too are they dropped (counted).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -24,10 +26,10 @@ from clickhouse_connect.driver.client import Client
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from gateway.inference.child import BATCH, BATCH_HEADER, FLUSH, GOODBYE, QUERY, REQUEST_ID, ChildOptions
-from gateway.inference.metrics import WriterMetrics
+from gateway.inference.holding import Batch, Holding
+from gateway.inference.metrics import Mishaps, WriterMetrics
 from gateway.inference.process import WriterProcess
 from gateway.inference.spool import Spool
-from gateway.inference.wire import FRAME_ROWS, decode_frames, encode_frame
 
 if TYPE_CHECKING:
     from policies.schema import InferenceTableConfig
@@ -40,18 +42,15 @@ MIN_RESTART_S = 0.5
 MAX_RESTART_S = 30.0
 # A batch unacked this long means the process hangs (one insert is bounded by the client's 30 s timeout).
 HUNG_S = 120.0
+# Past the stop deadline: time for the last spool writes after the process was killed.
 EXIT_GRACE_S = 10.0
+# A process that has written everything gets this long to close its engine, even at the deadline.
+GOODBYE_GRACE_S = 1.0
+QUEUE_MAX_BYTES = 256 * 1024 * 1024
 
 
 class InferenceQueryError(RuntimeError):
     """A query through the writer process failed: ClickHouse is unavailable, the SQL failed, or no process runs."""
-
-
-@dataclass
-class _Batch:
-    frames: list[bytes]
-    rows: int
-    sent_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -86,6 +85,7 @@ class InferenceWriter:
         batch_rows: int = 1_000,
         flush_interval_ms: int = 1_000,
         queue_max: int = 100_000,
+        queue_max_bytes: int = QUEUE_MAX_BYTES,
         spool_dir: str | Path = "var/spool",
         registry: CollectorRegistry | None = None,
         connect_client: Callable[[], Client] | None = None,
@@ -95,25 +95,30 @@ class InferenceWriter:
         self._batch_rows = batch_rows
         self._interval_s = flush_interval_ms / 1000.0
         self._queue_max = queue_max
+        self._queue_max_bytes = queue_max_bytes
         self._options = ChildOptions(dsn, database, log_payloads, max_payload_bytes, payload_ttl_days,
                                      str(spool_dir), self._interval_s, connect_client)
         self.spool = Spool(spool_dir)
         self.registry = REGISTRY if registry is None else registry
         self.metrics = WriterMetrics.create(self.registry)
         self.metrics.queue_depth.set_function(lambda: self.queue_depth)
+        self.metrics.queue_bytes.set_function(lambda: self.queue_bytes)
         self.metrics.spool_bytes.set_function(lambda: self.spool.bytes)
         self.metrics.spool_rows.set_function(lambda: self.spool.rows)
         self._queue: deque[dict[str, Any]] = deque()
         self._spills: deque[deque[dict[str, Any]]] = deque()
         self._submit_lock = threading.Lock()
         self._submitted = 0
-        self._taken = 0
         self._wake = threading.Event()
         self._stopping = threading.Event()
-        # Guards the process handle, the batches in flight, and the flush and query waiters.
+        self._deadline = math.inf
+        self._mishaps = Mishaps(self.metrics)
+        # Guards the process handle, the encoded batches held, and the flush and query waiters.
         self._lock = threading.Lock()
         self._process: WriterProcess | None = None
-        self._in_flight: dict[int, _Batch] = {}
+        self._holding = Holding(self._lock, self.spool, self.metrics, queue_max, queue_max_bytes)
+        self._ready = self._holding.ready
+        self._in_flight = self._holding.in_flight
         self._flushes: list[_Flush] = []
         self._flush_ids: dict[int, _Flush] = {}
         self._queries: dict[int, _Query] = {}
@@ -129,12 +134,17 @@ class InferenceWriter:
             config.clickhouse, config.database, log_payloads=config.log_payloads,
             max_payload_bytes=config.max_payload_bytes, payload_ttl_days=config.payload_ttl_days,
             batch_rows=config.batch_rows, flush_interval_ms=config.flush_interval_ms, queue_max=config.queue_max,
-            spool_dir=config.spool_dir, registry=registry,
+            queue_max_bytes=config.queue_max_bytes, spool_dir=config.spool_dir, registry=registry,
         )
 
     @property
     def queue_depth(self) -> int:
         return len(self._queue)
+
+    @property
+    def queue_bytes(self) -> int:
+        """Bytes of encoded batches in memory, waiting or in flight (records not yet encoded count in queue_depth)."""
+        return self._holding.bytes()
 
     @property
     def connected(self) -> bool:
@@ -204,27 +214,47 @@ class InferenceWriter:
         return request.rows
 
     def close(self, timeout: float = 30.0) -> bool:
-        """Write or spool everything queued, then end the writer process; True when it all went in order."""
-        deadline = time.monotonic() + timeout
+        """Write or spool everything queued, then end the writer process, all within `timeout`.
+
+        True when it all went in order. Past the deadline the process is killed: its batches go to the spool.
+        Rows the spool then holds (ClickHouse did not take them in time) are named in the log.
+        """
+        self._deadline = time.monotonic() + timeout
         self._stopping.set()
         self._wake.set()
         feeder = self._feeder
         if feeder is None:
-            self._spool_everything()
-            return True
-        feeder.join(max(deadline - time.monotonic(), 0.0))
-        clean = not feeder.is_alive()
-        if not clean:
-            # The process hangs on ClickHouse: kill it, its batches in flight are spooled, the feeder spools the rest.
-            process = self._process
-            if process is not None:
-                process.kill()
-            feeder.join(EXIT_GRACE_S)
-        return clean and not feeder.is_alive()
+            self._encode(drain_all=True)
+            self._holding.bound(give_up=True)
+            clean = True
+        else:
+            feeder.join(timeout)
+            clean = not feeder.is_alive()
+            if not clean:
+                # The process hangs on ClickHouse: kill it, its batches in flight are spooled, the feeder spools the rest.
+                process = self._process
+                if process is not None:
+                    process.kill()
+                feeder.join(EXIT_GRACE_S)
+                clean = False
+        self._report_leftovers()
+        return clean and (feeder is None or not feeder.is_alive())
+
+    def _report_leftovers(self) -> None:
+        with self._submit_lock, self._lock:
+            in_memory = len(self._queue) + sum(len(spill) for spill in self._spills) + self._holding.totals()[0]
+        if in_memory:
+            self.metrics.rows_dropped.labels("shutdown").inc(in_memory)
+            log.error("inference writer stopped with %d rows still in memory (neither ClickHouse nor the spool %s "
+                      "took them in time): they are lost", in_memory, self.spool.directory)
+        if self.spool.rows:
+            log.warning("inference writer stopped with %d rows in the spool %s, not yet in ClickHouse: "
+                        "the next start writes them", self.spool.rows, self.spool.directory)
 
     def _spawn(self) -> None:
         try:
-            process = WriterProcess.start(self._options, self._on_message, self._on_exit, self._is_hung)
+            process = WriterProcess.start(self._options, self._on_message, self._on_exit, self._is_hung,
+                                          lambda error: self._mishaps.error("receiver", error))
         except OSError:
             log.exception("cannot start the inference writer process; spooling to %s", self.spool.directory)
             with self._lock:
@@ -240,85 +270,99 @@ class InferenceWriter:
         while True:
             # Blocked (window full, disk refusing): wait for an ack or the next interval, never spin.
             due = self._interval_s if blocked else last_flush + self._interval_s - time.monotonic()
+            if self._stopping.is_set() and time.monotonic() < self._deadline:
+                due = min(due, self._deadline - time.monotonic())
             self._wake.wait(max(due, 0.0))
             self._wake.clear()
-            stopping = self._stopping.is_set()
-            if self._process is None and not stopping and time.monotonic() >= self._restart_at:
-                self._spawn()
-            drain_all = stopping or bool(self._flushes) or time.monotonic() >= last_flush + self._interval_s
-            blocked = not (self._spool_spills() and self._drain(drain_all))
-            if drain_all and not blocked:
+            try:
+                done, blocked, drained = self._feed_once(last_flush)
+            except Exception as error:
+                # A bug must not end the audit trail: count it, log it once, and carry on with the next pass.
+                self._mishaps.error("feeder", error)
+                blocked = True
+                continue
+            if drained:
                 last_flush = time.monotonic()
-            self._advance_flushes()
-            if stopping and not self._queue and not self._spills and not self._in_flight:
-                self._end_process()
+            if done:
                 return
 
-    def _drain(self, drain_all: bool) -> bool:
-        """Send (or spool) full batches, and the last partial one when drain_all; False when it had to stop early."""
-        while len(self._queue) >= self._batch_rows or (drain_all and self._queue):
-            if self._process is not None and len(self._in_flight) >= WINDOW:
-                return False
-            records = self._take_oldest()
-            if not self._dispatch(_frames(records), len(records)):
-                return False
-        return True
+    def _feed_once(self, last_flush: float) -> tuple[bool, bool, bool]:
+        """One pass: (the writer is done, it is blocked, everything queued was taken)."""
+        stopping = self._stopping.is_set()
+        if self._process is None and not stopping and time.monotonic() >= self._restart_at:
+            self._spawn()
+        drain_all = stopping or bool(self._flushes) or time.monotonic() >= last_flush + self._interval_s
+        self._encode(drain_all)
+        self._send_ready()
+        self._holding.bound(give_up=stopping and time.monotonic() >= self._deadline)
+        blocked = bool(self._ready)
+        self._advance_flushes()
+        if stopping and not self._queue and not self._spills and not self._ready and not self._in_flight:
+            self._end_process()
+            return True, blocked, True
+        return False, blocked, drain_all and not blocked
 
-    def _spool_spills(self) -> bool:
-        while self._spills:
-            records = self._take_oldest()
-            if records and not self._spool(_frames(records), len(records)):
-                return False
-        return True
-
-    def _take_oldest(self) -> list[dict[str, Any]]:
-        """Up to batch_rows records, oldest first: spilled ones before queued ones, so a flush's count is exact."""
-        with self._submit_lock:
-            pending = self._spills[0] if self._spills else self._queue
-            records = [pending.popleft() for _ in range(min(self._batch_rows, len(pending)))]
-            if self._spills and not pending:
-                self._spills.popleft()
-            self._taken += len(records)
-        return records
-
-    def _dispatch(self, frames: list[bytes], rows: int) -> bool:
-        with self._lock:
-            process = self._process
-            if process is not None:
-                batch_id = next(self._ids)
-                self._in_flight[batch_id] = _Batch(frames, rows)
-        if process is None:
-            return self._spool(frames, rows)
-        try:
-            process.send([BATCH + BATCH_HEADER.pack(batch_id, len(frames)), *frames])
-        except (OSError, ValueError):
-            process.kill()
-        return True
-
-    def _spool(self, frames: list[bytes], rows: int) -> bool:
-        """Write a batch to the spool; when the disk refuses, its records go back to the front of the queue."""
-        try:
-            self.spool.write_frames(frames, rows)
-        except OSError:
-            log.exception("inference spool %s is not writable; keeping %d rows in memory", self.spool.directory, rows)
-            kept = decode_frames(frames)
+    def _encode(self, drain_all: bool) -> None:
+        """Spilled records, then full batches of queued ones (and the last partial one when drain_all), as batches."""
+        while True:
             with self._submit_lock:
-                self._spills.appendleft(deque(kept))
-                self._taken -= len(kept)
-            return False
-        self.metrics.rows_spooled.inc(rows)
-        return True
+                if self._spills:
+                    pending = self._spills[0]
+                elif len(self._queue) >= self._batch_rows or (drain_all and self._queue):
+                    pending = self._queue
+                else:
+                    return
+                records = [pending.popleft() for _ in range(min(self._batch_rows, len(pending)))]
+                if self._spills and not self._spills[0]:
+                    self._spills.popleft()
+            if not records:
+                continue
+            try:
+                batch = Batch.encode(records, self._mishaps.unencodable)
+            except Exception as error:
+                # Only a bug gets here (encoding alters what it cannot write): the batch is counted, the rest goes on.
+                self._mishaps.error("feeder", error)
+                self.metrics.rows_dropped.labels("encoding_failed").inc(len(records))
+                with self._lock:
+                    self._holding.taken += len(records)
+                continue
+            with self._lock:
+                self._ready.append(batch)
 
-    def _spool_everything(self) -> None:
-        if self._spool_spills():
-            while (records := self._take_oldest()) and self._spool(_frames(records), len(records)):
-                pass
+    def _send_ready(self) -> None:
+        """Encoded batches, oldest first, to the process while its window has room; to the spool without one."""
+        while True:
+            with self._lock:
+                process = self._process
+                if not self._ready or (process is not None and self._window_full(self._ready[0])):
+                    return
+                batch = self._ready.popleft()
+                if process is not None:
+                    batch_id = next(self._ids)
+                    batch.sent_at = time.monotonic()
+                    self._in_flight[batch_id] = batch
+                    self._holding.taken += batch.rows
+            if process is None:
+                if not self._holding.spool_ready(batch):
+                    return
+                continue
+            try:
+                process.send([BATCH + BATCH_HEADER.pack(batch_id, len(batch.frames)), *batch.frames])
+            except (OSError, ValueError):
+                process.kill()
+
+    def _window_full(self, batch: Batch) -> bool:
+        """WINDOW batches in flight, or one more would pass queue_max_bytes (one is always let through)."""
+        if not self._in_flight:
+            return False
+        in_flight = sum(sent.size for sent in self._in_flight.values())
+        return len(self._in_flight) >= WINDOW or in_flight + batch.size > self._holding.max_bytes
 
     def _advance_flushes(self) -> None:
         to_send: list[tuple[WriterProcess, int]] = []
         with self._lock:
             for request in list(self._flushes):
-                if request.sent_to is not None or self._taken < request.target:
+                if request.sent_to is not None or self._holding.taken < request.target:
                     continue
                 if self._process is None:
                     # Everything is spooled; done unless a process is about to start and can replay the spool.
@@ -344,7 +388,7 @@ class InferenceWriter:
                 process.send([GOODBYE])
             except (OSError, ValueError):
                 process.kill()
-            process.stop(EXIT_GRACE_S)
+            process.stop(max(self._deadline - time.monotonic(), GOODBYE_GRACE_S))
         with self._lock:
             for request in self._flushes:
                 request.done.set()
@@ -375,6 +419,10 @@ class InferenceWriter:
             if query is not None:
                 query.rows, query.error = message[2], message[3]
                 query.done.set()
+        elif kind == "unencodable":
+            self._mishaps.unencodable(message[1], message[3], message[2])
+        elif kind == "error":
+            self.metrics.errors.labels("writer_process").inc()
 
     def _on_ack(self, batch_id: int, status: str) -> None:
         with self._lock:
@@ -387,7 +435,7 @@ class InferenceWriter:
         else:
             if status == "failed":
                 self.metrics.rows_failed.inc(batch.rows)
-            self._spool(batch.frames, batch.rows)
+            self._holding.spool_returned(batch)
         self._wake.set()
 
     def _on_exit(self, process: WriterProcess) -> None:
@@ -408,7 +456,7 @@ class InferenceWriter:
             self._restart_at = time.monotonic() + (0.0 if self._flushes else self._restart_s)
             self._restart_s = min(self._restart_s * 2, MAX_RESTART_S)
         for batch in lost:
-            self._spool(batch.frames, batch.rows)
+            self._holding.spool_returned(batch)
         if not stopping:
             log.warning("inference writer process %s ended (exit code %s); %d batches spooled, restarting",
                         process.pid, process.exitcode, len(lost))
@@ -419,11 +467,3 @@ class InferenceWriter:
         oldest = min((batch.sent_at for batch in list(self._in_flight.values())), default=None)
         return oldest is not None and time.monotonic() - oldest > HUNG_S
 
-
-def _frames(records: list[dict[str, Any]]) -> list[bytes]:
-    frames = []
-    for start in range(0, len(records), FRAME_ROWS):
-        frames.append(encode_frame(records[start:start + FRAME_ROWS]))
-        # Hands the GIL to the event loop between frames, should it be waiting for it.
-        time.sleep(0)
-    return frames

@@ -138,6 +138,6 @@ def test_metrics_are_exported_with_prefix(make_writer) -> None:
     registry = CollectorRegistry()
     make_writer(registry=registry)
     exposition = generate_latest(registry).decode()
-    for name in ("queue_depth", "spool_bytes", "spool_rows", "rows_written_total", "rows_failed_total",
+    for name in ("queue_depth", "queue_bytes", "spool_bytes", "spool_rows", "rows_written_total", "rows_failed_total",
                  "rows_spooled_total", "process_restarts_total"):
         assert f"lockgate_inference_{name} " in exposition

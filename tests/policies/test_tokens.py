@@ -75,3 +75,23 @@ def test_unknown_models_are_estimated_with_o200k() -> None:
 def test_unknown_operation_is_an_error() -> None:
     with pytest.raises(ValueError, match="unknown operation"):
         count_prompt_tokens("gpt-4o", "images", {})
+
+
+def nested(levels: int, inner: object) -> object:
+    value = inner
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+def test_hostile_nesting_is_counted_without_error() -> None:
+    """A prompt or a tool definition nested thousands of levels deep is counted, not a RecursionError (a 500)."""
+    assert count_prompt_tokens("gpt-4o", "completions", {"prompt": nested(5_000, "hello world")}) == 2
+    assert count_prompt_tokens("gpt-4o", "embeddings", {"input": nested(5_000, [1, 2, 3])}) == 3
+    tools = [{"type": "function", "function": {"name": "f", "parameters": nested(1_000, "deep")}}]
+    deep = count_prompt_tokens("gpt-4o", "chat", {"messages": [{"role": "user", "content": "hi"}], "tools": tools})
+    plain = count_prompt_tokens("gpt-4o", "chat", {"messages": [{"role": "user", "content": "hi"}]})
+    assert deep > plain
+    calls = [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}, "x": nested(300, 2**70)}]
+    message = {"role": "assistant", "content": None, "tool_calls": calls}
+    assert count_prompt_tokens("gpt-4o", "chat", {"messages": [message]}) > 0
