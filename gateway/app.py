@@ -44,6 +44,11 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
         return GatewayError(500, "The gateway failed to handle the request.", "api_error", "internal_error").response()
 
 
+def flush_reserve_s(shutdown_timeout_s: float) -> float:
+    """The part of the stop deadline kept for writing the last rows; in-flight requests get the rest."""
+    return min(5.0, shutdown_timeout_s / 3)
+
+
 def create_app(policy_path: str | os.PathLike[str]) -> web.Application:
     """Builds the gateway for one policy file, read now; its providers and engines start with the app."""
     stamp = file_stamp(policy_path)
@@ -66,10 +71,16 @@ def create_app(policy_path: str | os.PathLike[str]) -> web.Application:
         await pool.close()
         await holder.stores.close()
 
+    def time_left() -> float:
+        """What remains of the stop's one deadline (set when the stop began; the whole timeout if none was)."""
+        deadline = app[GATEWAY].stop_deadline
+        return server.shutdown_timeout_s if deadline is None else max(deadline - time.monotonic(), 0.0)
+
     async def shadow_traffic(app: web.Application) -> AsyncIterator[None]:
         yield
-        # Cleaned up before the providers (cleanup runs in reverse), so running shadows can still finish.
-        await app[GATEWAY].resilience.shadows.close(server.shutdown_timeout_s)
+        # Cleaned up before the providers (cleanup runs in reverse), so running shadows can still finish; they get
+        # the drain's share of what is left, never the writer's.
+        await app[GATEWAY].resilience.shadows.close(max(time_left() - flush_reserve_s(server.shutdown_timeout_s), 0.0))
 
     async def inference_writer(app: web.Application) -> AsyncIterator[None]:
         config = initial.policy.inference_table
@@ -81,13 +92,13 @@ def create_app(policy_path: str | os.PathLike[str]) -> web.Application:
         app[GATEWAY].writer = writer
         yield
         gateway = app[GATEWAY]
-        await gateway.drain_masking()
+        try:
+            await asyncio.wait_for(gateway.drain_masking(), time_left())
+        except TimeoutError:
+            log.error("%d records were still being masked at the stop deadline and are lost", len(gateway.masking))
         gateway.writer = None
-        # One deadline for the whole stop: the writer gets what the drain left of it (time.monotonic based).
-        deadline = gateway.stop_deadline
-        left = server.shutdown_timeout_s if deadline is None else max(deadline - time.monotonic(), 0.0)
         # In a thread: close() waits for the last batch to be written or spooled.
-        await asyncio.to_thread(writer.close, left)
+        await asyncio.to_thread(writer.close, time_left())
 
     app.cleanup_ctx.append(inference_writer)
     app.cleanup_ctx.append(policy_and_providers)

@@ -15,7 +15,7 @@ import uvloop
 from aiohttp import web
 
 from gateway.api.connections import ClientLimits, GatewayRunner
-from gateway.app import SERVER_CONFIG, create_app
+from gateway.app import SERVER_CONFIG, create_app, flush_reserve_s
 from gateway.context import GATEWAY
 
 log = logging.getLogger("lockgate")
@@ -42,17 +42,13 @@ def configure_logging() -> None:
     logging.getLogger("presidio-analyzer").setLevel(logging.ERROR)
 
 
-def drain_share_s(shutdown_timeout_s: float) -> float:
-    """The part of the stop deadline given to in-flight requests; the rest is kept for writing the last rows."""
-    return shutdown_timeout_s - min(5.0, shutdown_timeout_s / 3)
-
-
 async def _serve_worker(options: ServeOptions, reuse_port: bool) -> None:
     app = create_app(options.policy_path)
     server = app[SERVER_CONFIG]
+    drain_s = options.shutdown_timeout_s - flush_reserve_s(options.shutdown_timeout_s)
     limits = ClientLimits(server.header_timeout_s, server.write_timeout_s, server.max_connections)
     runner = GatewayRunner(app, limits=limits, handle_signals=False, access_log=None,
-                           shutdown_timeout=drain_share_s(options.shutdown_timeout_s),
+                           shutdown_timeout=drain_s,
                            keepalive_timeout=server.keepalive_timeout_s,
                            max_field_size=8190, max_line_size=8190, max_headers=128,
                            lingering_time=_LINGER_S)
@@ -68,7 +64,7 @@ async def _serve_worker(options: ServeOptions, reuse_port: bool) -> None:
     log.info("serving on http://%s:%d (policy %s)", options.host, options.port, app[GATEWAY].policy.version)
     await stop.wait()
     app[GATEWAY].stop_deadline = time.monotonic() + options.shutdown_timeout_s
-    log.info("draining in-flight requests (up to %.0f s)", drain_share_s(options.shutdown_timeout_s))
+    log.info("draining in-flight requests (up to %.0f s)", drain_s)
     await runner.cleanup()
     log.info("stopped")
 

@@ -180,7 +180,12 @@ class LimiterConfig(Strict):
     timeout_ms: int = Field(500, gt=0, description="longest wait for the shared store before on_error applies")
     max_connections: int = Field(64, ge=1, description="Redis connections per gateway process")
     parallel_lease_s: float = Field(
-        900.0, gt=0, description="a max_parallel slot a dead process never released frees itself after this"
+        900.0, gt=0, description="a max_parallel slot or budget reservation a dead process never released frees itself "
+        "after this"
+    )
+    reserve_completion_tokens: int = Field(
+        4096, ge=0, description="completion tokens a budget reserves at admission for a request that gives no "
+        "max_completion_tokens or max_tokens; the real cost replaces the reservation when the answer ends",
     )
 
 
@@ -269,6 +274,10 @@ class InferenceTableConfig(Strict):
     batch_rows: int = Field(1_000, ge=1)
     flush_interval_ms: int = Field(1_000, ge=10)
     queue_max: int = Field(100_000, ge=1)
+    queue_max_bytes: int = Field(
+        256 * 1024 * 1024, ge=1024 * 1024, description="bytes of encoded records the gateway holds in memory "
+        "(waiting for or being written to ClickHouse); past it the oldest go to the spool, and are dropped "
+        "(counted in lockgate_inference_rows_dropped_total) only when the spool refuses them too")
     spool_dir: str = "var/spool"
 
 
