@@ -1,0 +1,201 @@
+"""Chat completion chunks as the Responses API's streamed events, in the order the OpenAI SDKs accumulate them.
+
+Per output item: `response.output_item.added`, then for text `response.content_part.added`, the deltas, the text's
+`.done`, `response.content_part.done`; for a function call its argument deltas and `.done`; then
+`response.output_item.done`. Around them `response.created` and `response.in_progress` first, and
+`response.completed` (or `response.incomplete`) last, every event with the next `sequence_number`.
+"""
+
+from __future__ import annotations
+
+import time
+
+from gateway.api.responses_wire import (
+    ResponsesRequest,
+    function_call_item,
+    message_item,
+    outcome,
+    output_text,
+    reasoning_item,
+    response_object,
+    response_usage,
+)
+from gateway.api.wire import call_function, first_choice, random_id, reasoning_of, sse, text_of, tool_call_deltas
+
+_DELTA = {"message": "response.output_text.delta", "reasoning": "response.reasoning_text.delta"}
+_DONE = {"message": "response.output_text.done", "reasoning": "response.reasoning_text.done"}
+
+
+class ResponsesStream:
+    """Turns one chat stream into Responses events; `feed` each chunk, then `finish` (or `error` on a failure)."""
+
+    def __init__(self, request: ResponsesRequest, response_id: str | None = None) -> None:
+        self.request = request
+        self.id = response_id or random_id("resp_")
+        self.model = text_of(request.chat.get("model"))
+        self.created_at = int(time.time())
+        self.started = False
+        self.finished = False
+        self._sequence = 0
+        self._items: list[dict] = []
+        self._texts: dict[int, list[str]] = {}
+        self._open_text: int | None = None
+        self._calls: dict[int, int] = {}
+        self._arguments: dict[int, list[str]] = {}
+        self._usage: object = None
+        self._finish_reason: object = None
+
+    def _event(self, name: str, **fields: object) -> bytes:
+        data = {"type": name, "sequence_number": self._sequence, **fields}
+        self._sequence += 1
+        return sse(name, data)
+
+    def _response(self, **state: object) -> dict:
+        return response_object(self.request, self.id, self.model, self.created_at, **state)
+
+    def start(self) -> list[bytes]:
+        """`response.created` and `response.in_progress`; sent by the first `feed` if not called before."""
+        self.started = True
+        response = self._response()
+        return [self._event("response.created", response=response), self._event("response.in_progress", response=response)]
+
+    def feed(self, chunk: dict) -> list[bytes]:
+        """The events for one chat.completion.chunk (a usage-only chunk gives none: its usage waits for `finish`)."""
+        out = [] if self.started else self.start()
+        if chunk.get("usage"):
+            self._usage = chunk["usage"]
+        choice = first_choice(chunk)
+        delta = choice.get("delta")
+        if type(delta) is dict:
+            self._text("reasoning", reasoning_of(delta), out)
+            self._text("message", text_of(delta.get("content")), out)
+            for index, call in tool_call_deltas(delta):
+                self._call(index, call, out)
+        if choice.get("finish_reason") is not None:
+            self._finish_reason = choice["finish_reason"]
+        return out
+
+    def _open(self, kind: str, out: list[bytes]) -> int:
+        index = len(self._items)
+        item_id = random_id("msg_" if kind == "message" else "rs_")
+        maker = message_item if kind == "message" else reasoning_item
+        empty = maker(item_id, "", "in_progress")
+        part = empty["content"][0]
+        item = {**empty, "content": []}
+        self._items.append(item)
+        self._texts[index] = []
+        self._open_text = index
+        out.append(self._event("response.output_item.added", output_index=index, item=item))
+        out.append(self._event("response.content_part.added", item_id=item_id, output_index=index, content_index=0,
+                               part=part))
+        return index
+
+    def _text(self, kind: str, piece: str, out: list[bytes]) -> None:
+        if not piece:
+            return
+        index = self._open_text
+        if index is None or self._items[index]["type"] != kind:
+            if index is not None:
+                self._close_text("completed", out)
+            index = self._open(kind, out)
+        self._texts[index].append(piece)
+        extra = {"logprobs": []} if kind == "message" else {}
+        out.append(self._event(_DELTA[kind], item_id=self._items[index]["id"], output_index=index, content_index=0,
+                               delta=piece, **extra))
+
+    def _close_text(self, status: str, out: list[bytes]) -> None:
+        index = self._open_text
+        assert index is not None
+        self._open_text = None
+        item_id, kind = self._items[index]["id"], self._items[index]["type"]
+        text = "".join(self._texts.pop(index))
+        if kind == "message":
+            item = message_item(item_id, text, status)
+            out.append(self._event(_DONE[kind], item_id=item_id, output_index=index, content_index=0, text=text,
+                                   logprobs=[]))
+            part = output_text(text)
+        else:
+            item = reasoning_item(item_id, text, status)
+            out.append(self._event(_DONE[kind], item_id=item_id, output_index=index, content_index=0, text=text))
+            part = item["content"][0]
+        self._items[index] = item
+        out.append(self._event("response.content_part.done", item_id=item_id, output_index=index, content_index=0,
+                               part=part))
+        out.append(self._event("response.output_item.done", output_index=index, item=item))
+
+    def _call(self, chat_index: int, call: dict, out: list[bytes]) -> None:
+        name, arguments = call_function(call)
+        index = self._calls.get(chat_index)
+        if index is None:
+            if self._open_text is not None:
+                self._close_text("completed", out)
+            index = len(self._items)
+            self._calls[chat_index] = index
+            self._arguments[index] = []
+            # The SDKs match a call's added and done events by call_id, so one is needed now even if the upstream sent none.
+            item = function_call_item(random_id("fc_"), text_of(call.get("id")) or random_id("call_"), name, "",
+                                      "in_progress")
+            self._items.append(item)
+            out.append(self._event("response.output_item.added", output_index=index, item=item))
+        elif name and not self._items[index]["name"]:
+            self._items[index]["name"] = name
+        if arguments:
+            self._arguments[index].append(arguments)
+            out.append(self._event("response.function_call_arguments.delta", item_id=self._items[index]["id"],
+                                   output_index=index, delta=arguments))
+
+    def finish(self, usage: dict | None = None) -> list[bytes]:
+        """The events that end the stream, ending with `response.completed` or `response.incomplete`.
+
+        `usage` is the chat usage when it did not come in a fed chunk.
+        """
+        out = [] if self.started else self.start()
+        self.finished = True
+        if usage is not None:
+            self._usage = usage
+        status, incomplete = outcome(self._finish_reason)
+        item_status = "incomplete" if incomplete else "completed"
+        if not self._items:
+            self._open("message", out)
+        if self._open_text is not None:
+            self._close_text(item_status, out)
+        for index in self._calls.values():
+            item = self._items[index]
+            arguments = "".join(self._arguments.pop(index))
+            out.append(self._event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                                   arguments=arguments))
+            item.update(arguments=arguments, status=item_status)
+            out.append(self._event("response.output_item.done", output_index=index, item=item))
+        response = self._response(status=status, incomplete_details=incomplete, output=self._items,
+                                  usage=response_usage(self._usage))
+        out.append(self._event(f"response.{status}", response=response))
+        return out
+
+    def error(self, message: str, code: str = "server_error", type_: str = "server_error") -> list[bytes]:
+        """An `error` event and `response.failed`, for a failure after the stream began; the stream ends with them.
+
+        The error event carries its fields both at the top, as documented, and nested under `error`, as OpenAI
+        sends them: the openai SDKs raise an APIError for the nested form, and clients that follow the
+        documented schema find the flat one.
+        """
+        out = [] if self.started else self.start()
+        self.finished = True
+        out.append(self._event("error", code=code, message=message, param=None,
+                               error={"type": type_, "code": code, "message": message, "param": None}))
+        out.append(self._event("response.failed", response=self._response(
+            status="failed", error={"code": code, "message": message}, output=self._partial_output(),
+            usage=response_usage(self._usage))))
+        return out
+
+    def _partial_output(self) -> list[dict]:
+        """The output items as they stand, those still open marked incomplete with what they hold so far."""
+        output = []
+        for index, item in enumerate(self._items):
+            if index in self._texts:
+                text = "".join(self._texts[index])
+                maker = message_item if item["type"] == "message" else reasoning_item
+                item = maker(item["id"], text, "incomplete")
+            elif index in self._arguments:
+                item = {**item, "arguments": "".join(self._arguments[index]), "status": "incomplete"}
+            output.append(item)
+        return output
