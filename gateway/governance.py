@@ -1,4 +1,10 @@
-"""Steps 3, 4 and 9 of the pipeline: RBAC, rate limits and budgets before the call, charging after it."""
+"""Steps 3, 4 and 9 of the pipeline: RBAC, rate limits and budgets before the call, charging after it.
+
+A request on a route with prices, under a budget, reserves the most it may cost: its prompt tokens at the
+route's dearest input price plus its max_completion_tokens (or max_tokens; `limiter.reserve_completion_tokens`
+when it gives neither) times its number of choices at the dearest output price. Settle replaces the
+reservation by the real cost.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from gateway.errors import GatewayError
 from gateway.exchange import Exchange
 from policies import Admission, Authorizer, CounterStore, Governor, cost_micro_usd, open_counter_store
 from policies.keys import Principal
+from policies.prices import dearest_price, estimated_cost_micro_usd
 from policies.schema import LimiterConfig, Policy, PriceConfig
 from policies.tokens import count_prompt_tokens, encoding_for
 
@@ -22,6 +29,10 @@ if TYPE_CHECKING:
 LIMITER_ERRORS = Counter("lockgate_limiter_errors", "Rate-limit storage failures (Redis unreachable or slow)")
 REFUSALS = Counter("lockgate_limit_refusals", "Requests refused by rate limits, budgets or RBAC", ["code"])
 DEGRADED = Counter("lockgate_limit_degraded", "Requests let through unchecked because on_error is allow")
+LIMITER_LOST = Counter("lockgate_limiter_lost", "Limiter writes given up after retries: a settle (usage not charged) "
+                       "or the release of a timed-out admission (its slot or reservation held until its lease ends)",
+                       ["kind"])
+_MAX_CHOICES = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,17 +40,27 @@ class Governance:
     authorizer: Authorizer
     governor: Governor
     prices: dict[str, PriceConfig]
+    # Only routes with a price, and only when budgets exist: the others reserve nothing.
+    reserve_prices: dict[str, PriceConfig]
+    reserve_completion_tokens: int
 
 
 def build_governance(policy: Policy, store: CounterStore) -> Governance:
     """Runs in a thread: Casbin evaluation and vocabulary loading must not stall the event loop."""
     authorizer = Authorizer(policy)
     authorizer.warm()
-    if any(limit.tokens for limit in policy.limits):
+    reserve_prices: dict[str, PriceConfig] = {}
+    if policy.budgets:
+        for name, route in policy.routes.items():
+            price = dearest_price(policy.prices, [target.model or name for target in route.targets])
+            if price is not None:
+                reserve_prices[name] = price
+    if reserve_prices or any(limit.tokens for limit in policy.limits):
         for route in policy.routes.values():
             for target in route.targets:
                 encoding_for(target.model or "")
-    return Governance(authorizer, Governor(policy, store), dict(policy.prices))
+    return Governance(authorizer, Governor(policy, store), dict(policy.prices), reserve_prices,
+                      policy.limiter.reserve_completion_tokens)
 
 
 class CounterStores:
@@ -54,7 +75,7 @@ class CounterStores:
         if self._current is not None and self._current[0] == settings:
             return self._current[1]
         store = open_counter_store(config.storage, config.timeout_ms / 1000, config.max_connections,
-                                   lambda _reason: LIMITER_ERRORS.inc())
+                                   lambda _reason: LIMITER_ERRORS.inc(), lambda kind: LIMITER_LOST.labels(kind).inc())
         if self._current is not None:
             self._retired.append(self._current[1])
         self._current = (settings, store)
@@ -85,10 +106,15 @@ async def admit(gov: Governance, principal: Principal, route: Route, op: str, bo
         raise GatewayError(403, f"You are not allowed to use the model `{route.name}`.",
                            "invalid_request_error", "model_not_permitted", "model")
     plan = gov.governor.plan(principal, route.name)
-    # Counting costs ~0.1 ms a message: only when a token limit applies. The first target's tokenizer
-    # stands for the route's; the real completion is charged in settle().
-    prompt_tokens = count_prompt_tokens(route.targets[0].model, op, body) if plan.token_windows else 0
-    admission = await gov.governor.admit(principal, route.name, prompt_tokens)
+    price = gov.reserve_prices.get(route.name)
+    # Counting costs ~0.1 ms a message: only when a token limit or a reservation needs it. The first
+    # target's tokenizer stands for the route's; the real completion is charged in settle().
+    counted = plan.token_windows or price is not None
+    prompt_tokens = count_prompt_tokens(route.targets[0].model, op, body) if counted else 0
+    estimate = 0
+    if price is not None:
+        estimate = estimated_cost_micro_usd(price, prompt_tokens, _max_completion_tokens(op, body, gov))
+    admission = await gov.governor.admit(principal, route.name, prompt_tokens, estimate)
     if not admission.allowed:
         ex.ratelimit_outcome = f"refused:{admission.code}"
         raise _refusal(admission)
@@ -96,6 +122,20 @@ async def admit(gov: Governance, principal: Principal, route: Route, op: str, bo
         DEGRADED.inc()
         ex.ratelimit_outcome = "unchecked:storage_down"
     return admission
+
+
+def _positive_int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _max_completion_tokens(op: str, body: dict, gov: Governance) -> int:
+    """The most completion tokens the request asks for, over all its choices."""
+    if op == "embeddings":
+        return 0
+    per_choice = (_positive_int(body.get("max_completion_tokens")) or _positive_int(body.get("max_tokens"))
+                  or gov.reserve_completion_tokens)
+    choices = max(_positive_int(body.get("n")) or 1, _positive_int(body.get("best_of")) or 1)
+    return per_choice * min(choices, _MAX_CHOICES)
 
 
 async def settle(gov: Governance, admission: Admission, ex: Exchange) -> None:

@@ -3,16 +3,21 @@
 A Governor is built once per policy version over a CounterStore that lives as long as the process
 (so counters survive policy reloads). On the hot path:
 
-    admission = await governor.admit(principal, route, prompt_tokens)   # refuse when not allowed
+    admission = await governor.admit(principal, route, prompt_tokens, estimate)  # refuse when not allowed
     ...forward the request...
-    await governor.settle(admission, completion_tokens, cost_micro_usd)  # always, in `finally`
+    await governor.settle(admission, completion_tokens, cost_micro_usd)            # always, in `finally`
+
+`estimate` is the most the request can cost (micro-USD); it is reserved on every budget that applies
+until settle replaces it by the real cost, so concurrent requests cannot spend past a budget.
+A store that fails never leaves anything taken for long: an admission that timed out is voided in
+the background, and a settle that failed is retried in the background (counted in `store.lost` when
+every try fails).
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
-import logging
 import math
 import secrets
 import time
@@ -27,6 +32,7 @@ from policies.keys import Principal
 from policies.limiter_storage import (
     CounterStore,
     SlotSpec,
+    Snapshot,
     StorageUnavailable,
     WindowCount,
     WindowSpec,
@@ -35,12 +41,15 @@ from policies.limiter_storage import (
 )
 from policies.schema import LimitConfig, Policy
 
-log = logging.getLogger("lockgate.limiter")
-
 KEY_PREFIX = "lg:rate:"
 _MAX_CACHED_PLANS = 100_000
 _admission_ids = itertools.count()
 _process_tag = secrets.token_hex(6)
+_RELEASE_DELAYS_S = (0.0, 0.5, 2.0, 5.0)
+_SETTLE_DELAYS_S = (0.5, 2.0, 5.0)
+# A settle is retried for less than this, so while its lease has at least this long to run, the lease
+# tells whether an earlier try already charged.
+_VERIFY_MARGIN_MS = 60_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +172,8 @@ class Admission:
     plan: Plan | None = None
     budgets: BudgetCheck | None = None
     member: str = ""
+    estimate: int = 0
+    admitted_at: float = 0.0
     settled: bool = False
 
     def headers(self) -> dict[str, str]:
@@ -229,7 +240,9 @@ class Governor:
             found = self._budget_checks[principal] = budget_check(self._budgets, principal)
         return found
 
-    async def admit(self, principal: Principal, route: str, prompt_tokens: int = 0) -> Admission:
+    async def admit(
+        self, principal: Principal, route: str, prompt_tokens: int = 0, estimate_micro_usd: int = 0
+    ) -> Admission:
         plan = self.plan(principal, route)
         budgets = self._budget_check(principal) if self._budgets else None
         caps = budgets.caps if budgets is not None else []
@@ -237,21 +250,31 @@ class Governor:
             return Admission(True)
         windows = plan.request_windows + plan.token_windows
         amounts = [1] * len(plan.request_windows) + [prompt_tokens] * len(plan.token_windows)
-        member = f"{_process_tag}-{next(_admission_ids)}" if plan.slots else ""
+        estimate = max(0, estimate_micro_usd) if caps else 0
+        member = f"{_process_tag}-{next(_admission_ids)}" if plan.slots or estimate else ""
+        admitted_at = time.monotonic()
         try:
-            snap = await self._store.check_and_take(windows, amounts, plan.slots, caps, member, self._lease_ms)
+            snap = await self._store.check_and_take(windows, amounts, plan.slots, caps, member, self._lease_ms, estimate)
         except StorageUnavailable as exc:
+            if member and exc.maybe_applied:
+                # The script may have run after we gave up: void its lease so no slot or reservation stays taken.
+                reserved_caps = caps if estimate else []
+                self._store.retry_in_background(
+                    "release", lambda: self._store.release(plan.slots, reserved_caps, member, self._lease_ms),
+                    _RELEASE_DELAYS_S,
+                )
             if self._deny_on_error:
                 return Admission(False, "limiter_unavailable", f"The rate limiter's storage is unavailable ({exc}).", 1)
-            return Admission(True, degraded=True)
+            # Unchecked, but its real usage is still charged when it settles.
+            return Admission(True, degraded=True, plan=plan, budgets=budgets)
         states = [_state(spec, count) for spec, count in zip(windows, snap.windows, strict=True)]
         split = len(plan.request_windows)
         admission = Admission(
             snap.allowed, requests=_tightest(states[:split]), tokens=_tightest(states[split:]),
-            plan=plan, budgets=budgets, member=member,
+            plan=plan, budgets=budgets, member=member, estimate=estimate, admitted_at=admitted_at,
         )
         if not snap.allowed:
-            self._explain_refusal(admission, windows, amounts, snap.windows, snap.slots_in_use, snap.spent)
+            self._explain_refusal(admission, windows, amounts, snap)
         return admission
 
     def _explain_refusal(
@@ -259,15 +282,13 @@ class Governor:
         admission: Admission,
         windows: list[WindowSpec],
         amounts: list[int],
-        counts: list[WindowCount],
-        in_use: list[int],
-        spent: list[int],
+        snap: Snapshot,
     ) -> None:
         plan = admission.plan
         assert plan is not None
         admission.settled = True
         waits: list[int] = []
-        for i, (spec, amount, count) in enumerate(zip(windows, amounts, counts, strict=True)):
+        for i, (spec, amount, count) in enumerate(zip(windows, amounts, snap.windows, strict=True)):
             if not window_blocks(count, spec.limit, spec.window_ms, amount):
                 continue
             kind = "requests" if i < len(plan.request_windows) else "tokens"
@@ -286,7 +307,7 @@ class Governor:
                 f"Rate limit reached for {plan.subjects[i]}: {spec.limit} {kind} per {per}."
             )
         offset = len(windows)
-        for j, (slot, used) in enumerate(zip(plan.slots, in_use, strict=True)):
+        for j, (slot, used) in enumerate(zip(plan.slots, snap.slots_in_use, strict=True)):
             if used >= slot.limit:
                 waits.append(1000)
                 admission.code = admission.code or "rate_limit_exceeded"
@@ -294,28 +315,36 @@ class Governor:
                     f"Too many parallel requests for {plan.subjects[offset + j]}: at most {slot.limit} at once."
                 )
         budgets = admission.budgets
-        budget_message = budgets.refusal(spent) if budgets is not None else None
+        budget_message = budgets.refusal(snap.spent, snap.reserved, admission.estimate) if budgets is not None else None
         if budgets is not None and budget_message is not None:
             admission.code, admission.message = "budget_exceeded", budget_message
-            waits.append(budgets.retry_after_s(spent) * 1000)
+            waits.append(budgets.retry_after_s(snap.spent, snap.reserved, admission.estimate) * 1000)
         admission.retry_after_s = max(1, math.ceil(max(waits, default=1000) / 1000))
         if admission.message:
             admission.message += f" Retry after {admission.retry_after_s} s."
 
     async def settle(self, admission: Admission, completion_tokens: int = 0, cost_micro_usd: int | None = None) -> None:
-        """Charge the completion's tokens and the request's cost, and free its parallel slots; once only."""
+        """Charge the completion's tokens and the request's cost in place of its reservation, and free its
+        parallel slots; once only. A failed try is retried in the background, never on the request's time."""
         if admission.settled or admission.plan is None:
             return
         admission.settled = True
-        plan, budgets = admission.plan, admission.budgets
-        caps = budgets.caps if budgets is not None else []
-        ttl = budgets.ttl_ms() if budgets is not None and cost_micro_usd else []
+        plan, budgets, member = admission.plan, admission.budgets, admission.member
+        spend = max(0, cost_micro_usd or 0)
+        caps = budgets.caps if budgets is not None and (spend or admission.estimate) else []
+        ttl = budgets.ttl_ms() if budgets is not None and caps else []
+        slots = plan.slots if member else []
+        # Only a lease that cannot have expired proves that no earlier try charged already.
+        verify = bool(member) and (time.monotonic() - admission.admitted_at) * 1000 + _VERIFY_MARGIN_MS < self._lease_ms
         try:
-            await self._store.settle(
-                plan.token_windows, completion_tokens, caps, cost_micro_usd or 0, ttl, plan.slots, admission.member
+            await self._store.settle(plan.token_windows, completion_tokens, caps, spend, ttl, slots, member)
+        except StorageUnavailable:
+            store = self._store
+            store.retry_in_background(
+                "settle", lambda: store.settle(plan.token_windows, completion_tokens, caps, spend, ttl, slots, member,
+                                               verify),
+                _SETTLE_DELAYS_S,
             )
-        except StorageUnavailable as exc:
-            log.debug("settle not recorded: %s", exc)
 
     async def release(self, admission: Admission) -> None:
         """Free the request's parallel slots when it ends without a completion to charge."""
@@ -353,9 +382,9 @@ class Governor:
             })
         for (rule, slot), used in zip(slots, snap.slots_in_use, strict=True):
             out["parallel"].append({"routes": list(rule.routes), "limit": slot.limit, "in_use": used})
-        for rule, span, used in zip(budgets.rules, budgets.periods, snap.spent, strict=True):
+        for rule, span, used, held in zip(budgets.rules, budgets.periods, snap.spent, snap.reserved, strict=True):
             out["budgets"].append({
                 "per": rule.per, "period": span.label, "usd": rule.cap_micro_usd / 1e6, "spent_usd": used / 1e6,
-                "resets_at": span.ends_at.isoformat(),
+                "reserved_usd": held / 1e6, "resets_at": span.ends_at.isoformat(),
             })
         return out

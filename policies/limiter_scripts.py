@@ -1,18 +1,36 @@
-"""The limiter's Redis scripts: each request's counters are read and written in one atomic round trip."""
+"""The limiter's Redis scripts: each request's counters are read and written in one atomic round trip.
+
+A budget's spend total `S` has two companions: `S:rz`, the reservations' expiry times by lease id, and
+`S:rh`, their amounts by lease id plus their sum under `_total`, so an admission reads the sum in O(1)
+and sweeps only what expired. A lease id voided by `RELEASE` (its admission timed out on our side) is
+remembered under the void key, so the admission script, should it run after the release, takes nothing.
+"""
+
+_FREE_RESERVATION = """\
+local function free_reservation(spend_key, member)
+  local amounts = spend_key .. ':rh'
+  local amount = tonumber(redis.call('HGET', amounts, member))
+  if not amount then return false end
+  redis.call('HDEL', amounts, member)
+  redis.call('HINCRBY', amounts, '_total', -amount)
+  redis.call('ZREM', spend_key .. ':rz', member)
+  return true
+end
+"""
 
 CHECK_AND_TAKE = """\
--- KEYS: window base keys (nw), slot sets (ns), spend totals (nc).
--- ARGV: nw, ns, nc, member, lease_ms, take (0|1); then limit, window_ms, amount per window;
+-- KEYS: window base keys (nw), slot sets (ns), spend totals (nc), then the void key of `member`.
+-- ARGV: nw, ns, nc, member, lease_ms, take (0|1), estimate; then limit, window_ms, amount per window;
 --       then the limit per slot set; then the cap per spend total.
 -- Returns: allowed, now_ms, then previous, current, elapsed_ms per window; then slots in use
---          per slot set; then the spend per total. Times come from Redis so every host agrees.
+--          per slot set; then spent, reserved per spend total. Times come from Redis so every host agrees.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local nw, ns, nc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local member, lease, take = ARGV[4], tonumber(ARGV[5]), ARGV[6] == '1'
+local member, lease, take, estimate = ARGV[4], tonumber(ARGV[5]), ARGV[6] == '1', tonumber(ARGV[7])
 local out = {1, now}
 local ok = true
-local a = 7
+local a = 8
 for i = 1, nw do
   local limit, win, amount = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
   a = a + 3
@@ -35,13 +53,27 @@ for j = 1, ns do
   out[#out + 1] = used
 end
 for k = 1, nc do
-  local spent = tonumber(redis.call('GET', KEYS[nw + ns + k])) or 0
-  if spent >= tonumber(ARGV[a]) then ok = false end
+  local key = KEYS[nw + ns + k]
+  local expired = redis.call('ZRANGEBYSCORE', key .. ':rz', '-inf', now, 'LIMIT', 0, 100)
+  if #expired > 0 then
+    local amounts = redis.call('HMGET', key .. ':rh', unpack(expired))
+    local gone = 0
+    for _, amount in ipairs(amounts) do gone = gone + (tonumber(amount) or 0) end
+    redis.call('HDEL', key .. ':rh', unpack(expired))
+    redis.call('ZREM', key .. ':rz', unpack(expired))
+    redis.call('HINCRBY', key .. ':rh', '_total', -gone)
+  end
+  local spent = tonumber(redis.call('GET', key)) or 0
+  local reserved = tonumber(redis.call('HGET', key .. ':rh', '_total')) or 0
+  local cap = tonumber(ARGV[a])
+  if spent >= cap or spent + reserved + estimate > cap then ok = false end
   a = a + 1
   out[#out + 1] = spent
+  out[#out + 1] = reserved
 end
+if ok and take and member ~= '' and redis.call('EXISTS', KEYS[#KEYS]) == 1 then take = false end
 if ok and take then
-  a = 7
+  a = 8
   for i = 1, nw do
     local win, amount = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
     a = a + 3
@@ -56,18 +88,40 @@ if ok and take then
     redis.call('ZADD', KEYS[nw + j], now + lease, member)
     redis.call('PEXPIRE', KEYS[nw + j], lease)
   end
+  if estimate > 0 then
+    for k = 1, nc do
+      local key = KEYS[nw + ns + k]
+      redis.call('ZADD', key .. ':rz', now + lease, member)
+      redis.call('HSET', key .. ':rh', member, estimate)
+      redis.call('HINCRBY', key .. ':rh', '_total', estimate)
+      redis.call('PEXPIRE', key .. ':rz', lease)
+      redis.call('PEXPIRE', key .. ':rh', lease)
+    end
+  end
 end
 if not ok then out[1] = 0 end
 return out
 """
 
-SETTLE = """\
+SETTLE = _FREE_RESERVATION + """\
 -- KEYS: window base keys (nw), spend totals (nc), slot sets (the rest).
--- ARGV: nw, nc, member; then window_ms, amount per window; then amount, ttl_ms per spend total.
+-- ARGV: nw, nc, member, verify (0|1); then window_ms, amount per window; then amount, ttl_ms per spend total.
+-- Frees `member`'s reservations and slots; with verify, charges only when it still held one (a retry
+-- after a try whose answer was lost must not charge twice). Returns 1 when it charged.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local nw, nc, member = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
-local a = 4
+local nw, nc, member, verify = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4] == '1'
+local held = false
+if member ~= '' then
+  for k = 1, nc do
+    if free_reservation(KEYS[nw + k], member) then held = true end
+  end
+  for j = nw + nc + 1, #KEYS do
+    if redis.call('ZREM', KEYS[j], member) == 1 then held = true end
+  end
+end
+if verify and not held then return 0 end
+local a = 5
 for i = 1, nw do
   local win, amount = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
   a = a + 2
@@ -78,11 +132,24 @@ end
 for k = 1, nc do
   local amount, ttl = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
   a = a + 2
-  redis.call('INCRBY', KEYS[nw + k], amount)
-  redis.call('PEXPIRE', KEYS[nw + k], ttl)
+  if amount > 0 then
+    redis.call('INCRBY', KEYS[nw + k], amount)
+    redis.call('PEXPIRE', KEYS[nw + k], ttl)
+  end
 end
-for j = nw + nc + 1, #KEYS do
+return 1
+"""
+
+RELEASE = _FREE_RESERVATION + """\
+-- KEYS: slot sets (ns), spend totals (the rest but the last), the void key of `member` (last).
+-- ARGV: ns, member, lease_ms.
+local ns, member, lease = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+redis.call('SET', KEYS[#KEYS], 1, 'PX', lease)
+for j = 1, ns do
   redis.call('ZREM', KEYS[j], member)
+end
+for k = ns + 1, #KEYS - 1 do
+  free_reservation(KEYS[k], member)
 end
 return 1
 """

@@ -1,4 +1,4 @@
-"""Counter storage for the limiter: sliding-window counters, parallel slots and spend totals.
+"""Counter storage for the limiter: sliding-window counters, parallel slots, spend totals and reservations.
 
 One call checks every counter a request touches and takes them all or none, so a request refused
 by one limit never consumes another, and two processes on one Redis admit exactly N of N. The
@@ -6,6 +6,11 @@ window is the sliding-window counter that `limits` uses (previous window weighte
 it still in view, plus the current one): two integers per window whatever the cost of a hit.
 Redis runs it as one Lua script (one round trip, atomic, Redis's clock for every host); memory
 runs the same steps without an await in between, which makes them atomic on the event loop.
+
+Every admission that holds something until it settles (a parallel slot, a budget reservation) does
+so under a lease id of its own that expires after `parallel_lease_s`, so a process that dies frees it.
+A call that timed out on our side may still have run on Redis; `release` voids its lease id (in the
+background, see `retry_in_background`) so neither a slot nor a reservation stays taken.
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -22,9 +28,17 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
-from policies.limiter_scripts import CHECK_AND_TAKE, SETTLE
+from policies.limiter_scripts import CHECK_AND_TAKE, RELEASE, SETTLE
 
 log = logging.getLogger("lockgate.limiter")
+
+VOID_PREFIX = "lg:void:"
+# Background retries beyond this many at once are counted lost straight away: an outage must not pile up tasks.
+_MAX_PENDING_RETRIES = 2_000
+_LOST_LOG_INTERVAL_S = 10.0
+# redis-py's words for a connection it could not open or take from the pool: nothing was sent on it.
+# Should they change, a call is merely assumed sent, and compensated for without need.
+_NOT_SENT_MARKERS = ("connecting to", "No connection available")
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,10 +72,17 @@ class Snapshot:
     windows: list[WindowCount]
     slots_in_use: list[int]
     spent: list[int]
+    reserved: list[int]
 
 
 class StorageUnavailable(Exception):
-    """The shared store could not answer in time; the limiter's `on_error` decides what follows."""
+    """The shared store could not answer in time; the limiter's `on_error` decides what follows.
+
+    `maybe_applied` is False only when the call provably never left this process (no connection)."""
+
+    def __init__(self, reason: str, maybe_applied: bool = True) -> None:
+        super().__init__(reason)
+        self.maybe_applied = maybe_applied
 
 
 def weighted_count(count: WindowCount, window_ms: int) -> int:
@@ -74,53 +95,139 @@ def window_blocks(count: WindowCount, limit: int, window_ms: int, amount: int) -
     return weighted + amount > limit or weighted >= limit
 
 
+def budget_blocks(spent: int, reserved: int, cap: int, estimate: int) -> bool:
+    """Spent up, or no room left for this request's estimate next to the reservations of requests in flight."""
+    return spent >= cap or spent + reserved + estimate > cap
+
+
+def redact_dsn(uri: str) -> str:
+    """The DSN without its username and password, fit for logs and error messages."""
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return "redis://***"
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = ":***@" + netloc.rpartition("@")[2]
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode([(k, "***" if k.lower() in ("password", "username") else v) for k, v in pairs], safe="*")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
 class CounterStore:
-    """Shared by every policy version of one process; counts the times the store failed."""
+    """Shared by every policy version of one process; counts the times the store failed and the writes it lost."""
 
     uri: str
 
-    def __init__(self, on_error: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self, on_error: Callable[[str], None] | None = None, on_lost: Callable[[str], None] | None = None
+    ) -> None:
         self.errors = 0
+        self.lost = 0
         self.on_error = on_error
+        self.on_lost = on_lost
+        self._pending: set[asyncio.Task[None]] = set()
+        self._lost_logged_at = float("-inf")
 
     async def check_and_take(
-        self,
-        windows: Sequence[WindowSpec],
-        amounts: Sequence[int],
-        slots: Sequence[SlotSpec],
-        caps: Sequence[CapSpec],
-        member: str,
-        lease_ms: int,
-        take: bool = True,
+        self, windows: Sequence[WindowSpec], amounts: Sequence[int], slots: Sequence[SlotSpec], caps: Sequence[CapSpec],
+        member: str, lease_ms: int, estimate: int = 0, take: bool = True,
     ) -> Snapshot:
-        """Check every counter; when all pass and `take`, add the amounts and hold a slot as `member`."""
+        """Check every counter; when all pass and `take`, add the amounts, hold a slot and reserve
+        `estimate` on every cap as `member` (both until `lease_ms`)."""
         raise NotImplementedError
 
     async def settle(
-        self,
-        windows: Sequence[WindowSpec],
-        amount: int,
-        caps: Sequence[CapSpec],
-        spend: int,
-        cap_ttl_ms: Sequence[int],
-        slots: Sequence[SlotSpec],
-        member: str,
+        self, windows: Sequence[WindowSpec], amount: int, caps: Sequence[CapSpec], spend: int, cap_ttl_ms: Sequence[int],
+        slots: Sequence[SlotSpec], member: str, verify: bool = False,
     ) -> None:
-        """Add `amount` to the windows and `spend` to the caps unconditionally; free `member`'s slots."""
+        """Free `member`'s slots and reservations; add `amount` to the windows and `spend` to the caps,
+        with `verify` only if `member` still held something (so a retried settle charges once)."""
         raise NotImplementedError
 
-    async def close(self) -> None:
-        return None
+    async def release(self, slots: Sequence[SlotSpec], caps: Sequence[CapSpec], member: str, lease_ms: int) -> None:
+        """Void `member`: free what it holds now, and make an admission of it that runs later take nothing."""
+        raise NotImplementedError
+
+    def retry_in_background(self, kind: str, attempt: Callable[[], Awaitable[None]], delays_s: Sequence[float]) -> None:
+        """Tries `attempt` after each delay until one succeeds, off the request's path; counted lost if none does."""
+        if len(self._pending) >= _MAX_PENDING_RETRIES:
+            self._count_lost(kind, "too many retries pending")
+            return
+        task = asyncio.get_running_loop().create_task(self._retry(kind, attempt, delays_s))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _retry(self, kind: str, attempt: Callable[[], Awaitable[None]], delays_s: Sequence[float]) -> None:
+        reason = ""
+        try:
+            for delay in delays_s:
+                await asyncio.sleep(delay)
+                try:
+                    await attempt()
+                    return
+                except StorageUnavailable as exc:
+                    reason = str(exc)
+        except asyncio.CancelledError:
+            self._count_lost(kind, "the gateway stopped first")
+            raise
+        self._count_lost(kind, reason)
+
+    def _count_lost(self, kind: str, reason: str) -> None:
+        self.lost += 1
+        if self.on_lost is not None:
+            self.on_lost(kind)
+        now = time.monotonic()
+        if now - self._lost_logged_at >= _LOST_LOG_INTERVAL_S:
+            self._lost_logged_at = now
+            log.warning("limiter %s not recorded in %s (%d lost so far): %s", kind, self.uri, self.lost, reason)
+
+    async def close(self, grace_s: float = 0.0) -> None:
+        """Waits up to `grace_s` for background retries, then cancels the rest (counted lost)."""
+        if self._pending:
+            await asyncio.wait(set(self._pending), timeout=grace_s)
+            for task in list(self._pending):
+                task.cancel()
+            await asyncio.gather(*self._pending, return_exceptions=True)
+
+
+@dataclass(slots=True)
+class _Budget:
+    """One spend total in memory: its spend and expiry, and the reservations of requests in flight."""
+
+    spent: int = 0
+    expires_ms: int = 0
+    reserved: int = 0
+    leases: dict[str, tuple[int, int]] = field(default_factory=dict)  # member -> (amount, expires_ms)
+    first_expiry_ms: float = float("inf")
+
+    def sweep(self, now_ms: int) -> None:
+        if self.first_expiry_ms > now_ms:
+            return
+        for member in [m for m, (_, expires) in self.leases.items() if expires <= now_ms]:
+            self.reserved -= self.leases.pop(member)[0]
+        self.first_expiry_ms = min((expires for _, expires in self.leases.values()), default=float("inf"))
+
+    def free(self, member: str) -> bool:
+        lease = self.leases.pop(member, None)
+        if lease is None:
+            return False
+        self.reserved -= lease[0]
+        return True
 
 
 class MemoryCounterStore(CounterStore):
     uri = "memory://"
 
-    def __init__(self, on_error: Callable[[str], None] | None = None) -> None:
-        super().__init__(on_error)
+    def __init__(
+        self, on_error: Callable[[str], None] | None = None, on_lost: Callable[[str], None] | None = None
+    ) -> None:
+        super().__init__(on_error, on_lost)
         self._windows: dict[str, list[int]] = {}
         self._slots: dict[str, dict[str, int]] = {}
-        self._caps: dict[str, list[int]] = {}
+        self._budgets: dict[str, _Budget] = {}
 
     def _window(self, spec: WindowSpec, now_ms: int) -> list[int]:
         index = now_ms // spec.window_ms
@@ -132,26 +239,20 @@ class MemoryCounterStore(CounterStore):
             record[0], record[2] = index, 0
         return record
 
-    def _cap(self, key: str, now_ms: int) -> list[int]:
-        record = self._caps.get(key)
+    def _budget(self, key: str, now_ms: int) -> _Budget:
+        record = self._budgets.get(key)
         if record is None:
             # Spend keys carry their period; old periods go once a new one starts.
-            for stale in [k for k, (_, expires) in self._caps.items() if expires <= now_ms]:
-                del self._caps[stale]
-            record = self._caps[key] = [0, now_ms]
-        elif record[1] <= now_ms:
-            record[0] = 0
+            for stale in [k for k, b in self._budgets.items() if b.expires_ms <= now_ms and not b.leases]:
+                del self._budgets[stale]
+            record = self._budgets[key] = _Budget(expires_ms=now_ms)
+        elif record.expires_ms <= now_ms:
+            record.spent = 0
         return record
 
     async def check_and_take(
-        self,
-        windows: Sequence[WindowSpec],
-        amounts: Sequence[int],
-        slots: Sequence[SlotSpec],
-        caps: Sequence[CapSpec],
-        member: str,
-        lease_ms: int,
-        take: bool = True,
+        self, windows: Sequence[WindowSpec], amounts: Sequence[int], slots: Sequence[SlotSpec], caps: Sequence[CapSpec],
+        member: str, lease_ms: int, estimate: int = 0, take: bool = True,
     ) -> Snapshot:
         now_ms = int(time.time() * 1000)
         allowed = True
@@ -171,40 +272,63 @@ class MemoryCounterStore(CounterStore):
                     del held[expired]
             in_use.append(len(held))
             allowed = allowed and len(held) < slot.limit
-        spent = []
+        spent, reserved, budgets = [], [], []
         for cap in caps:
-            record = self._caps.get(cap.key)
-            value = record[0] if record is not None and record[1] > now_ms else 0
+            budget = self._budgets.get(cap.key)
+            if budget is None:
+                value = held = 0
+            else:
+                budget.sweep(now_ms)
+                value = budget.spent if budget.expires_ms > now_ms else 0
+                held = budget.reserved
             spent.append(value)
-            allowed = allowed and value < cap.cap
+            reserved.append(held)
+            budgets.append(budget)
+            allowed = allowed and not budget_blocks(value, held, cap.cap, estimate)
         if allowed and take:
             for i, (record, amount) in enumerate(zip(records, amounts, strict=True)):
                 record[2] += amount
                 counts[i] = (record[1], record[2], counts[i][2])
             for slot in slots:
                 self._slots[slot.key][member] = now_ms + lease_ms
-        return Snapshot(allowed, counts, in_use, spent)
+            if estimate > 0:
+                expires = now_ms + lease_ms
+                for cap, budget in zip(caps, budgets, strict=True):
+                    record = budget if budget is not None else self._budget(cap.key, now_ms)
+                    record.leases[member] = (estimate, expires)
+                    record.reserved += estimate
+                    if expires < record.first_expiry_ms:
+                        record.first_expiry_ms = expires
+        return Snapshot(allowed, counts, in_use, spent, reserved)
+
+    def _free(self, slots: Sequence[SlotSpec], caps: Sequence[CapSpec], member: str) -> bool:
+        held = False
+        for cap in caps:
+            budget = self._budgets.get(cap.key)
+            held = (budget is not None and budget.free(member)) or held
+        for slot in slots:
+            held = self._slots.get(slot.key, {}).pop(member, None) is not None or held
+        return held
 
     async def settle(
-        self,
-        windows: Sequence[WindowSpec],
-        amount: int,
-        caps: Sequence[CapSpec],
-        spend: int,
-        cap_ttl_ms: Sequence[int],
-        slots: Sequence[SlotSpec],
-        member: str,
+        self, windows: Sequence[WindowSpec], amount: int, caps: Sequence[CapSpec], spend: int, cap_ttl_ms: Sequence[int],
+        slots: Sequence[SlotSpec], member: str, verify: bool = False,
     ) -> None:
         now_ms = int(time.time() * 1000)
+        held = self._free(slots, caps, member) if member else False
+        if verify and not held:
+            return
         if amount > 0:
             for spec in windows:
                 self._window(spec, now_ms)[2] += amount
         for cap, ttl_ms in zip(caps if spend > 0 else (), cap_ttl_ms, strict=False):
-            record = self._cap(cap.key, now_ms)
-            record[0] += spend
-            record[1] = now_ms + ttl_ms
-        for slot in slots:
-            self._slots.get(slot.key, {}).pop(member, None)
+            budget = self._budget(cap.key, now_ms)
+            budget.spent += spend
+            budget.expires_ms = now_ms + ttl_ms
+
+    async def release(self, slots: Sequence[SlotSpec], caps: Sequence[CapSpec], member: str, lease_ms: int) -> None:
+        # Memory answers every call, so no admission can run after its release: freeing is enough.
+        self._free(slots, caps, member)
 
 
 class RedisCounterStore(CounterStore):
@@ -214,9 +338,13 @@ class RedisCounterStore(CounterStore):
         timeout_s: float,
         max_connections: int,
         on_error: Callable[[str], None] | None = None,
+        on_lost: Callable[[str], None] | None = None,
     ) -> None:
-        super().__init__(on_error)
-        self.uri = uri
+        super().__init__(on_error, on_lost)
+        self.uri = redact_dsn(uri)
+        password = urlsplit(uri).password or ""
+        # Belt and braces: no driver message is known to quote them, but none may ever reach a log.
+        self._secrets = [uri, *{s for s in (password, unquote(password)) if len(s) >= 4}]
         self._timeout_s = timeout_s
         # A blocking pool makes a burst wait for a free connection instead of failing with
         # "Too many connections"; no retries, so a dead Redis answers within the timeout.
@@ -231,7 +359,13 @@ class RedisCounterStore(CounterStore):
         self._client = aioredis.Redis(connection_pool=pool)
         self._check = self._client.register_script(CHECK_AND_TAKE)
         self._settle = self._client.register_script(SETTLE)
+        self._release = self._client.register_script(RELEASE)
         self._healthy = True
+
+    def _scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
 
     async def _run(self, script: AsyncScript, keys: list[str], args: list[object]) -> list[int]:
         try:
@@ -240,30 +374,26 @@ class RedisCounterStore(CounterStore):
                 result = await script(keys=keys, args=args)
         except (RedisError, OSError, TimeoutError) as exc:
             self.errors += 1
-            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            reason = self._scrub(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
             if self._healthy:
                 log.warning("limiter storage %s unreachable: %s", self.uri, reason)
                 self._healthy = False
             if self.on_error is not None:
                 self.on_error(reason)
-            raise StorageUnavailable(reason) from exc
+            raise StorageUnavailable(reason, not any(m in str(exc) for m in _NOT_SENT_MARKERS)) from exc
         if not self._healthy:
             log.warning("limiter storage %s reachable again", self.uri)
             self._healthy = True
         return result
 
     async def check_and_take(
-        self,
-        windows: Sequence[WindowSpec],
-        amounts: Sequence[int],
-        slots: Sequence[SlotSpec],
-        caps: Sequence[CapSpec],
-        member: str,
-        lease_ms: int,
-        take: bool = True,
+        self, windows: Sequence[WindowSpec], amounts: Sequence[int], slots: Sequence[SlotSpec], caps: Sequence[CapSpec],
+        member: str, lease_ms: int, estimate: int = 0, take: bool = True,
     ) -> Snapshot:
         keys = [w.key for w in windows] + [s.key for s in slots] + [c.key for c in caps]
-        args: list[object] = [len(windows), len(slots), len(caps), member, lease_ms, int(take)]
+        if member:
+            keys.append(VOID_PREFIX + member)
+        args: list[object] = [len(windows), len(slots), len(caps), member, lease_ms, int(take), estimate]
         for spec, amount in zip(windows, amounts, strict=True):
             args += (spec.limit, spec.window_ms, amount)
         args += [s.limit for s in slots]
@@ -272,43 +402,44 @@ class RedisCounterStore(CounterStore):
         at = 2 + 3 * len(windows)
         counts = [(int(out[i]), int(out[i + 1]), int(out[i + 2])) for i in range(2, at, 3)]
         in_use = [int(v) for v in out[at : at + len(slots)]]
-        spent = [int(v) for v in out[at + len(slots) :]]
-        return Snapshot(out[0] == 1, counts, in_use, spent)
+        totals = out[at + len(slots) :]
+        return Snapshot(out[0] == 1, counts, in_use, [int(v) for v in totals[::2]], [int(v) for v in totals[1::2]])
 
     async def settle(
-        self,
-        windows: Sequence[WindowSpec],
-        amount: int,
-        caps: Sequence[CapSpec],
-        spend: int,
-        cap_ttl_ms: Sequence[int],
-        slots: Sequence[SlotSpec],
-        member: str,
+        self, windows: Sequence[WindowSpec], amount: int, caps: Sequence[CapSpec], spend: int, cap_ttl_ms: Sequence[int],
+        slots: Sequence[SlotSpec], member: str, verify: bool = False,
     ) -> None:
         if amount <= 0:
             windows = ()
-        if spend <= 0:
-            caps, cap_ttl_ms = (), ()
         if not windows and not caps and not slots:
             return
         keys = [w.key for w in windows] + [c.key for c in caps] + [s.key for s in slots]
-        args: list[object] = [len(windows), len(caps), member]
+        args: list[object] = [len(windows), len(caps), member, int(verify)]
         for spec in windows:
             args += (spec.window_ms, amount)
         for ttl_ms in cap_ttl_ms:
             args += (spend, ttl_ms)
         await self._run(self._settle, keys, args)
 
-    async def close(self) -> None:
+    async def release(self, slots: Sequence[SlotSpec], caps: Sequence[CapSpec], member: str, lease_ms: int) -> None:
+        keys = [s.key for s in slots] + [c.key for c in caps] + [VOID_PREFIX + member]
+        await self._run(self._release, keys, [len(slots), member, lease_ms])
+
+    async def close(self, grace_s: float | None = None) -> None:
+        await super().close(self._timeout_s * 3 if grace_s is None else grace_s)
         await self._client.aclose()
 
 
 def open_counter_store(
-    uri: str, timeout_s: float = 0.5, max_connections: int = 64, on_error: Callable[[str], None] | None = None
+    uri: str,
+    timeout_s: float = 0.5,
+    max_connections: int = 64,
+    on_error: Callable[[str], None] | None = None,
+    on_lost: Callable[[str], None] | None = None,
 ) -> CounterStore:
     """`memory://` for one process; `redis://host:port/db` (or `rediss://`) shared by many."""
     if uri == "memory://":
-        return MemoryCounterStore(on_error)
+        return MemoryCounterStore(on_error, on_lost)
     if uri.startswith(("redis://", "rediss://")):
-        return RedisCounterStore(uri, timeout_s, max_connections, on_error)
-    raise ValueError(f"unsupported limiter storage {uri!r}: use memory:// or redis://host:port")
+        return RedisCounterStore(uri, timeout_s, max_connections, on_error, on_lost)
+    raise ValueError(f"unsupported limiter storage {redact_dsn(uri)!r}: use memory:// or redis://host:port")

@@ -6,7 +6,8 @@ a sum of token counts times prices. Integers keep sums exact in counters and in 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Iterable, Mapping
 
 from policies.schema import PriceConfig
 
@@ -26,6 +27,20 @@ def cost_micro_usd(
     cached_price = price.input if price.cached_input is None else price.cached_input
     micro = (prompt - cached) * price.input + cached * cached_price + completion * price.output
     return round(micro)
+
+
+def dearest_price(prices: Mapping[str, PriceConfig], models: Iterable[str]) -> PriceConfig | None:
+    """The highest input and output prices among `models` (a route's targets): what a request may cost at most,
+    wherever it is served. None when the table lists none of them."""
+    listed = [prices[model] for model in models if model in prices]
+    if not listed:
+        return None
+    return PriceConfig(input=max(p.input for p in listed), output=max(p.output for p in listed))
+
+
+def estimated_cost_micro_usd(price: PriceConfig, prompt: int, max_completion: int) -> int:
+    """The most a request may cost: its prompt and up to `max_completion` completion tokens, rounded up."""
+    return math.ceil(prompt * price.input + max_completion * price.output)
 
 
 def usd(micro: int) -> float:

@@ -11,6 +11,7 @@ import openai
 import pytest
 
 from tests.conftest import ADMIN_KEY, ALICE_KEY, BOB_KEY, policy_text, sdk
+from tests.redis_server import free_port
 from tests.served import start_gateway
 
 HI = [{"role": "user", "content": "hi there, how are you today?"}]
@@ -121,22 +122,55 @@ providers:
   up: {{type: openai, base_url: "{url}"}}
 routes:
   chat-default: {{targets: [{{provider: up, model: gpt-4o-mini}}]}}
+limiter: {{reserve_completion_tokens: 20}}
 budgets:
-  - {{scope: user, usd: 0.00001, per: day}}
+  - {{scope: user, usd: 0.0001, per: day}}
 prices:
   gpt-4o-mini: {{input: 1.0, output: 2.0}}
 """
 
 
-async def test_a_user_over_budget_is_refused(make_gateway, fake_openai) -> None:
+async def _budget(server, scope: str = "user:alice") -> dict:
+    async with aiohttp.ClientSession() as session, session.get(
+            server.make_url("/admin/limits"), params={"scope": scope},
+            headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as resp:
+        assert resp.status == 200
+        return (await resp.json())["counters"]["budgets"][0]
+
+
+async def test_a_budget_reserves_each_request_and_refuses_what_would_not_fit(make_gateway, fake_openai) -> None:
+    # 100 micro-dollars a day; a request reserves its prompt (~15 tokens at $1/M) plus 20 completion tokens
+    # at $2/M (~55), and really costs its prompt plus 6 completion tokens (~27).
     _, upstream = fake_openai
     server = await make_gateway(BUDGET, url=str(upstream.make_url("/v1")))
     alice = sdk(server)
-    await alice.chat.completions.create(model="chat-default", messages=HI)
+    costs = []
+    for _ in range(2):
+        reply = await alice.chat.completions.create(model="chat-default", messages=HI)
+        assert reply.usage is not None
+        costs.append(reply.usage.prompt_tokens + 2 * reply.usage.completion_tokens)
+    budget = await _budget(server)
+    assert round(budget["spent_usd"] * 1e6) == sum(costs) and budget["reserved_usd"] == 0
     with pytest.raises(openai.RateLimitError) as info:
         await alice.chat.completions.create(model="chat-default", messages=HI)
     assert info.value.code == "budget_exceeded"
+    remains = 100 - sum(costs)
+    assert f"Budget exceeded for user:alice: ${sum(costs) / 1e6:f}".rstrip("0") in info.value.message
+    assert f"${remains / 1e6:f}".rstrip("0") + " remains" in info.value.message
+    assert "max_tokens" in info.value.message
+    # A smaller max_tokens fits in what remains.
+    assert (await alice.chat.completions.create(model="chat-default", messages=HI, max_tokens=2)).choices
     assert (await sdk(server, BOB_KEY).chat.completions.create(model="chat-default", messages=HI)).choices
+
+
+async def test_a_request_that_could_cost_more_than_the_budget_is_refused_up_front(make_gateway, fake_openai) -> None:
+    _, upstream = fake_openai
+    server = await make_gateway(BUDGET, url=str(upstream.make_url("/v1")))
+    with pytest.raises(openai.RateLimitError) as info:
+        await sdk(server).chat.completions.create(model="chat-default", messages=HI, max_completion_tokens=1000)
+    assert info.value.code == "budget_exceeded" and "$0.0001 remains" in info.value.message
+    assert fake_openai[0].requests == []
+    assert (await _budget(server))["spent_usd"] == 0
 
 
 async def test_admin_api_needs_the_admin_capability(make_gateway, fake_openai) -> None:
@@ -200,3 +234,20 @@ async def test_redis_outage_follows_on_error_and_limits_resume(make_gateway, fak
     await alice.chat.completions.create(model="chat-default", messages=HI)
     with pytest.raises(openai.RateLimitError):
         await alice.chat.completions.create(model="chat-default", messages=HI)
+
+
+async def test_the_redis_password_reaches_no_answer_and_no_log(make_gateway, fake_openai,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    _, upstream = fake_openai
+    storage = f"redis://gw-limiter-user:Hunter2-redis-pw@127.0.0.1:{free_port()}/0"
+    server = await make_gateway(LIMITS, url=str(upstream.make_url("/v1")), storage=storage, on_error="deny",
+                                requests=5)
+    with pytest.raises(openai.APIStatusError) as info:
+        await sdk(server).chat.completions.create(model="chat-default", messages=HI)
+    assert info.value.status_code == 503 and info.value.code == "limiter_unavailable"
+    async with aiohttp.ClientSession() as session:
+        for path in ("/admin/policy", "/admin/limits?scope=user:alice"):
+            async with session.get(server.make_url(path), headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as resp:
+                assert "Hunter2" not in await resp.text()
+    assert "redis://:***@127.0.0.1" in caplog.text
+    assert "Hunter2" not in caplog.text + info.value.message and "gw-limiter-user" not in caplog.text

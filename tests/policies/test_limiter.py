@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from policies.keys import Principal
@@ -126,7 +127,7 @@ async def test_group_budget_is_shared_by_its_members(store: CounterStore) -> Non
     usage = await gov.counters("group:eng")
     assert usage["budgets"] == [{
         "per": "month", "period": usage["budgets"][0]["period"], "usd": 2.0, "spent_usd": 2.1,
-        "resets_at": usage["budgets"][0]["resets_at"],
+        "reserved_usd": 0.0, "resets_at": usage["budgets"][0]["resets_at"],
     }]
 
 
@@ -164,3 +165,43 @@ def _slide(count: WindowCount, ms: int, window_ms: int) -> WindowCount:
     if elapsed >= window_ms:
         return (current if elapsed < 2 * window_ms else 0, 0, elapsed % window_ms)
     return (previous, current, elapsed)
+
+
+async def test_concurrent_requests_cannot_spend_past_a_budget(store: CounterStore) -> None:
+    # Room for three estimates of $0.001 in $0.0035: the fourth is refused while the three are in flight.
+    gov = governor(store, budgets=[{"scope": "user", "usd": 0.0035, "per": "day"}])
+    results = await asyncio.gather(*(gov.admit(ALICE, "chat-small", 10, estimate_micro_usd=1000) for _ in range(20)))
+    admitted = [r for r in results if r.allowed]
+    assert len(admitted) == 3
+    refused = next(r for r in results if not r.allowed)
+    assert refused.code == "budget_exceeded"
+    assert "user:alice: $0.00 spent and $0.003 reserved by requests in flight of $0.0035 per day" in refused.message
+    assert "$0.0005 remains" in refused.message and "may cost up to $0.001" in refused.message
+    assert refused.retry_after_s == 1
+    await asyncio.gather(*(gov.settle(a, cost_micro_usd=1000) for a in admitted))
+    budget = (await gov.counters("user:alice"))["budgets"][0]
+    assert budget["spent_usd"] == 0.003 and budget["reserved_usd"] == 0
+    spent_up = await gov.admit(ALICE, "chat-small", 10, estimate_micro_usd=1000)
+    assert spent_up.code == "budget_exceeded" and spent_up.retry_after_s is not None and spent_up.retry_after_s > 1
+
+
+async def test_settle_replaces_the_reservation_by_the_real_cost(store: CounterStore) -> None:
+    gov = governor(store, budgets=[{"scope": "group:eng", "usd": 0.001, "per": "month"}])
+    first = await gov.admit(ALICE, "chat-small", estimate_micro_usd=600)
+    assert first.allowed
+    assert not (await gov.admit(BOB, "chat-small", estimate_micro_usd=600)).allowed
+    await gov.settle(first, completion_tokens=5, cost_micro_usd=100)
+    second = await gov.admit(BOB, "chat-small", estimate_micro_usd=600)
+    assert second.allowed
+    budget = (await gov.counters("group:eng"))["budgets"][0]
+    assert (budget["spent_usd"], budget["reserved_usd"]) == (0.0001, 0.0006)
+    await gov.release(second)
+    assert (await gov.counters("group:eng"))["budgets"][0]["reserved_usd"] == 0
+
+
+async def test_a_reservation_never_settled_expires_with_its_lease(store: CounterStore) -> None:
+    gov = governor(store, limiter={"parallel_lease_s": 0.3}, budgets=[{"scope": "user", "usd": 0.001, "per": "day"}])
+    assert (await gov.admit(ALICE, "chat-small", estimate_micro_usd=800)).allowed
+    assert not (await gov.admit(ALICE, "chat-small", estimate_micro_usd=800)).allowed
+    await asyncio.sleep(0.4)
+    assert (await gov.admit(ALICE, "chat-small", estimate_micro_usd=800)).allowed

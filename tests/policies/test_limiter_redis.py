@@ -29,6 +29,22 @@ async def test_two_governors_on_one_redis_admit_exactly_the_limit(redis_url: str
         await s.close()
 
 
+async def test_two_governors_on_one_redis_never_reserve_past_a_budget(redis_url: str) -> None:
+    policy = make_policy(budgets=[{"scope": "group:eng", "usd": 0.0035, "per": "day"}])
+    stores = [open_counter_store(redis_url), open_counter_store(redis_url)]
+    governors = [Governor(policy, s) for s in stores]
+    bob = Principal("k-bob", "bob", ("eng",))
+    results = await asyncio.gather(*(governors[i % 2].admit((ALICE, bob)[i % 3 % 2], "chat-small", estimate_micro_usd=1000)
+                                     for i in range(60)))
+    admitted = [(i, r) for i, r in enumerate(results) if r.allowed]
+    assert len(admitted) == 3
+    await asyncio.gather(*(governors[i % 2].settle(r, cost_micro_usd=1100) for i, r in admitted))
+    budget = (await governors[0].counters("group:eng"))["budgets"][0]
+    assert (budget["spent_usd"], budget["reserved_usd"]) == (0.0033, 0)
+    for s in stores:
+        await s.close()
+
+
 async def test_a_burst_waits_for_pooled_connections_instead_of_failing(redis_url: str) -> None:
     store = open_counter_store(redis_url, timeout_s=2.0, max_connections=8)
     gov = Governor(make_policy(limits=[{"scope": "user", "requests": "1000/hour", "max_parallel": 1000}]), store)
