@@ -11,6 +11,7 @@ from gateway.compiled import CompiledPolicy
 from gateway.context import GATEWAY
 from gateway.errors import GatewayError
 from gateway.proxy import authenticate
+from policies import StorageUnavailable
 
 
 def _admin(request: web.Request) -> CompiledPolicy:
@@ -50,6 +51,10 @@ async def admin_limits(request: web.Request) -> web.Response:
         if kind not in ("user", "key", "group", "route", "global") or (kind != "global" and ":" not in scope):
             raise GatewayError(400, "Give scope=user:NAME, key:ID, group:NAME, route:NAME or global.",
                                "invalid_request_error", "invalid_scope", "scope")
+        counters = await policy.governance.governor.counters(scope)
+    except StorageUnavailable:
+        return GatewayError(503, "The rate limiter's shared store cannot be reached; counters are unknown.",
+                            "api_error", "limiter_unavailable").response()
     except GatewayError as err:
         return err.response()
-    return json_response({"scope": scope, "counters": await policy.governance.governor.counters(scope)})
+    return json_response({"scope": scope, "counters": counters})
