@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from gateway.governance import Governance
-from gateway.guarding import RouteGuards, route_guards
+from gateway.guarding import RouteGuards, route_guards, routed_models
 from gateway.providers import Provider, build_provider
 from gateway.providers.http import client_timeout
 from guardrails import Guardrails
@@ -120,7 +120,8 @@ def compile_policy(
             provider_config = policy.providers[target.provider]
             timeout = config.timeout or getattr(provider_config, "timeout", None) or TimeoutConfig()
             targets.append(Target(providers[target.provider], target.model or name, target.weight, _timeout(timeout)))
-        guards = route_guards(guard, config.guardrails.input, config.guardrails.output, ner)
+        guards = route_guards(guard, config.guardrails.input, config.guardrails.output, ner,
+                              routed_models(policy, name))
         routes[name] = Route(name, config, tuple(targets), guards)
     table = policy.inference_table
     log_payloads = table.enabled and table.log_payloads

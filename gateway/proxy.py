@@ -18,6 +18,7 @@ from gateway.exchange import Exchange
 from gateway.providers import Op
 from gateway.routing.upstream import complete, open_stream
 from gateway.streaming import RelayOptions, relay
+from guardrails import clip_text
 from policies.keys import Principal
 from policies.schema import ServerConfig
 
@@ -126,20 +127,23 @@ def _validate(body: dict, op: Op) -> bool:
 
 
 def _client_metadata(request: web.Request, body: dict, ex: Exchange) -> None:
-    """OpenAI's `user` and `metadata` fields and the x-lockgate-tags header, kept with the record."""
+    """OpenAI's `user` and `metadata` fields and the x-lockgate-tags header, kept with the record.
+
+    Long values are cut where no PII item straddles the cut, so the table's masking still recognises what is kept.
+    """
     user = body.get("user")
     if isinstance(user, str) and user:
-        ex.metadata["user"] = user[:256]
+        ex.metadata["user"] = clip_text(user, 256)
     metadata = body.get("metadata")
     if isinstance(metadata, dict):
         for key, value in list(metadata.items())[:16]:
-            ex.metadata[str(key)[:64]] = str(value)[:512]
+            ex.metadata[clip_text(str(key), 64)] = clip_text(str(value), 512)
     tags = request.headers.get("x-lockgate-tags")
     if tags:
-        for tag in tags.split(",")[:16]:
+        for tag in tags.split(",", 16)[:16]:
             key, _, value = tag.partition("=")
             if key.strip():
-                ex.metadata[f"tag.{key.strip()[:64]}"] = value.strip()[:512]
+                ex.metadata[f"tag.{clip_text(key.strip(), 64)}"] = clip_text(value.strip(), 512)
 
 
 async def serve(request: web.Request, op: Op, policy: CompiledPolicy, ex: Exchange) -> web.StreamResponse:

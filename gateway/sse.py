@@ -8,6 +8,7 @@ from typing import Protocol
 import orjson
 
 DONE = b"data: [DONE]\n\n"
+MAX_EVENT_BYTES = 1024 * 1024
 
 
 def event(data: object) -> bytes:
@@ -20,6 +21,10 @@ class ByteSource(Protocol):
         ...
 
 
+class InvalidEvent(ValueError):
+    """The upstream's event stream breaks the SSE format or the event size limit."""
+
+
 def _parse_block(block: bytes) -> tuple[str, bytes] | None:
     if block.startswith(b"data: ") and b"\n" not in block:
         return "", block[6:]
@@ -29,7 +34,10 @@ def _parse_block(block: bytes) -> tuple[str, bytes] | None:
         if line.startswith(b"data:"):
             data.append(line[6:] if line[5:6] == b" " else line[5:])
         elif line.startswith(b"event:"):
-            name = line[6:].strip().decode()
+            try:
+                name = line[6:].strip().decode()
+            except UnicodeDecodeError:
+                raise InvalidEvent("an event name that is not UTF-8") from None
     return (name, b"\n".join(data)) if data else None
 
 
@@ -39,11 +47,16 @@ class EventReader:
     Reading per line costs two reads per event and wakes the transport each time; reading what is
     there and splitting on blank lines costs one. `has_buffered` tells a relay that more events are
     already parsed, so it can send them in one write.
+
+    An event still incomplete after a read is kept as a list of pieces, and each later read is searched
+    only where it could end that event, so an event that never ends costs its bytes once, up to `max_event_bytes`.
     """
 
-    def __init__(self, content: ByteSource) -> None:
+    def __init__(self, content: ByteSource, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
         self._content = content
-        self._rest = b""
+        self._max = max_event_bytes
+        self._partial: list[bytes] = []
+        self._partial_bytes = 0
         self._events: deque[tuple[str, bytes]] = deque()
 
     def has_buffered(self) -> bool:
@@ -56,20 +69,46 @@ class EventReader:
         while not self._events:
             data = await self._content.readany()
             if not data:
-                last = _parse_block(self._rest.strip(b"\r\n")) if self._rest.strip() else None
-                self._rest = b""
-                if last is None:
-                    raise StopAsyncIteration
-                return last
-            self._split(self._rest + data)
+                return self._last()
+            if not self._partial:
+                self._split(data)
+                continue
+            # A blank line is LF, an optional CR, LF; two bytes of what came before are enough to see one across reads.
+            window = self._partial[-1][-2:] + data[:2]
+            if b"\n\n" in window or b"\n\r\n" in window or b"\n\n" in data or b"\n\r\n" in data:
+                rest = b"".join(self._partial) + data
+                self._partial.clear()
+                self._partial_bytes = 0
+                self._split(rest)
+            else:
+                self._keep(data)
         return self._events.popleft()
+
+    def _last(self) -> tuple[str, bytes]:
+        rest = b"".join(self._partial)
+        self._partial.clear()
+        self._partial_bytes = 0
+        last = _parse_block(rest.replace(b"\r\n", b"\n").strip(b"\r\n")) if rest.strip() else None
+        if last is None:
+            raise StopAsyncIteration
+        return last
+
+    def _keep(self, piece: bytes) -> None:
+        self._partial.append(piece)
+        self._partial_bytes += len(piece)
+        if self._partial_bytes > self._max:
+            raise InvalidEvent(f"an event larger than the limit of {self._max} bytes")
 
     def _split(self, buffer: bytes) -> None:
         if b"\r" in buffer:
             buffer = buffer.replace(b"\r\n", b"\n")
         blocks = buffer.split(b"\n\n")
-        self._rest = blocks.pop()
+        rest = blocks.pop()
+        if len(buffer) > self._max and any(len(block) > self._max for block in blocks):
+            raise InvalidEvent(f"an event larger than the limit of {self._max} bytes")
         for block in blocks:
             parsed = _parse_block(block)
             if parsed is not None:
                 self._events.append(parsed)
+        if rest:
+            self._keep(rest)

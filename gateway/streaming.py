@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from dataclasses import dataclass
 
@@ -11,10 +12,13 @@ from aiohttp import web
 from gateway.errors import GatewayError
 from gateway.exchange import Exchange
 from gateway.guarding import StreamGuard, failure, note_findings, violation
+from gateway.inference.transcript import Transcript
 from gateway.providers import ChunkStream, UpstreamError, Usage
-from gateway.sse import DONE, event
 from gateway.routing.upstream import upstream_failure
+from gateway.sse import DONE, event
 from guardrails import GuardrailError
+
+log = logging.getLogger("lockgate")
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -27,40 +31,10 @@ class RelayOptions:
     collect: bool
 
 
-class _Transcript:
-    """The streamed answer put back together, for the inference table."""
-
-    def __init__(self, field: str) -> None:
-        self.field = field
-        self.texts: dict[int, list[str]] = {}
-        self.finish: dict[int, str] = {}
-
-    def add(self, chunk: dict) -> None:
-        for choice in chunk.get("choices") or ():
-            index = int(choice.get("index") or 0)
-            holder = choice.get("delta") if self.field == "content" else choice
-            text = holder.get(self.field) if isinstance(holder, dict) else None
-            if isinstance(text, str) and text:
-                self.texts.setdefault(index, []).append(text)
-            if choice.get("finish_reason"):
-                self.finish[index] = choice["finish_reason"]
-
-    def payload(self, usage: Usage | None) -> dict:
-        """Shaped like the whole answer would have been, so the same masking applies to it."""
-        choices = []
-        for i in sorted(set(self.texts) | set(self.finish)):
-            text = "".join(self.texts.get(i, []))
-            content = {"message": {"role": "assistant", "content": text}} if self.field == "content" else {"text": text}
-            choices.append({"index": i, **content, "finish_reason": self.finish.get(i)})
-        return {"streamed": True, "choices": choices,
-                "usage": None if usage is None else {"prompt_tokens": usage.prompt_tokens,
-                                                     "completion_tokens": usage.completion_tokens}}
-
-
 async def relay(request: web.Request, stream: ChunkStream, ex: Exchange, options: RelayOptions) -> web.StreamResponse:
     response = web.StreamResponse(headers={**SSE_HEADERS, **options.headers})
     field = "content" if ex.endpoint == "chat" else "text"
-    transcript = _Transcript(field) if options.collect else None
+    transcript = Transcript(field) if options.collect else None
     scan = options.scan
     pending: list[bytes] = []
     opened = time.perf_counter()
@@ -90,9 +64,10 @@ async def relay(request: web.Request, stream: ChunkStream, ex: Exchange, options
             rest = await scan.finish()
             if scan.message is not None:
                 raise violation(scan.message)
-            if rest:
-                pending.append(event({"object": "chat.completion.chunk" if field == "content" else
-                                      "text_completion", "choices": [_rest_choice(field, rest)]}))
+            if rest is not None:
+                if transcript is not None:
+                    transcript.add(rest)
+                pending.append(event(rest))
         pending.append(DONE)
         await response.write(b"".join(pending))
     except UpstreamError as err:
@@ -103,9 +78,15 @@ async def relay(request: web.Request, stream: ChunkStream, ex: Exchange, options
         await _end_with_error(response, ex, err, pending)
     except ConnectionError:
         ex.status, ex.error_type, ex.error_code = 499, "client_closed", "client_closed_request"
+    except Exception:
+        if not response.prepared:
+            raise
+        # The head is sent: whatever failed, the client still gets an error event and a clean end, never a second head.
+        log.exception("request %s failed inside the gateway while streaming", ex.request_id)
+        await _end_with_error(response, ex, _INTERNAL, pending)
     finally:
         ex.upstream_s += time.perf_counter() - opened
-        await stream.aclose()
+        await _close_upstream(stream, ex)
         if scan is not None:
             note_findings(ex, scan.findings())
         if transcript is not None:
@@ -115,10 +96,14 @@ async def relay(request: web.Request, stream: ChunkStream, ex: Exchange, options
     return response
 
 
-def _rest_choice(field: str, text: str) -> dict:
-    if field == "content":
-        return {"index": 0, "delta": {"content": text}, "finish_reason": None}
-    return {"index": 0, "text": text, "finish_reason": None}
+_INTERNAL = GatewayError(500, "The gateway failed while streaming the answer.", "api_error", "internal_error")
+
+
+async def _close_upstream(stream: ChunkStream, ex: Exchange) -> None:
+    try:
+        await stream.aclose()
+    except Exception:
+        log.exception("request %s: closing the upstream stream failed", ex.request_id)
 
 
 async def _end_with_error(

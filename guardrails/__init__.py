@@ -4,11 +4,11 @@ block refuses, mask rewrites the text before it leaves the gateway, flag only re
 text and OpenAI-shaped bodies, whichever provider serves the route.
 """
 
-from guardrails.bodies import Op
+from guardrails.bodies import Op, Tokenizer, Unscannable
 from guardrails.detect import GuardrailError, words_to_regex
 from guardrails.engine import DEFAULT_PHONE_REGIONS, NER_MODEL
 from guardrails.guard import Action, Direction, Finding, Guardrails, Verdict
-from guardrails.stream import StreamScanner
+from guardrails.stream import StreamScanner, clip_text
 
 __all__ = [
     "DEFAULT_PHONE_REGIONS",
@@ -20,6 +20,9 @@ __all__ = [
     "Guardrails",
     "Op",
     "StreamScanner",
+    "Tokenizer",
+    "Unscannable",
     "Verdict",
+    "clip_text",
     "words_to_regex",
 ]

@@ -8,13 +8,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from guardrails.bodies import Op, Path, replace_texts, request_texts, response_texts
+from guardrails.bodies import Op, Path, Texts, Tokenizer, request_texts, response_texts, rewrite
 from guardrails.detect import Detector, Span, mask
 from guardrails.engine import DEFAULT_PHONE_REGIONS, warm_up_engines
 
 Action = Literal["block", "mask", "flag", "off"]
 Direction = Literal["input", "output"]
 _ACTIONS = frozenset({"block", "mask", "flag", "off"})
+# Actions that may change or stop the text: logprobs that cannot be checked are dropped under them.
+_HIDING = frozenset({"block", "mask"})
 
 # Presidio holds the GIL for most of its work, so more threads would add queueing, not throughput.
 _WORKERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="guardrails")
@@ -97,33 +99,41 @@ class Guardrails:
 
     def scan_text(self, text: str, direction: Direction, pii: Action, patterns: Action) -> Verdict:
         """Scan one string on the calling thread; Verdict.body is the (masked) text."""
-        fields: list[tuple[Path, str]] = [(("",), text)]
-        verdict = self._judge({"": text}, fields, self._suspects(fields, pii), direction, pii, patterns)
+        texts = Texts([(("",), text)])
+        verdict = self._judge({"": text}, texts, self._suspects(texts.fields, pii), direction, pii, patterns)
         verdict.body = verdict.body[""]
         return verdict
 
-    async def scan_request(self, body: dict[str, Any], op: Op, pii: Action, patterns: Action) -> Verdict:
-        return await self._scan(body, list(request_texts(body, op)), "input", pii, patterns)
+    async def scan_strings(self, strings: Sequence[str], direction: Direction, pii: Action, patterns: Action) -> Verdict:
+        """Scan loose strings (client metadata); Verdict.body is the list, masked where needed."""
+        body = {"": list(strings)}
+        verdict = await self._scan(body, Texts([(("", i), s) for i, s in enumerate(strings)]), direction, pii, patterns)
+        verdict.body = verdict.body[""]
+        return verdict
+
+    async def scan_request(self, body: dict[str, Any], op: Op, pii: Action, patterns: Action,
+                           tokenizer: Tokenizer | None = None) -> Verdict:
+        """Raises Unscannable when the body holds text that cannot be read: token ids without a tokenizer, or too much."""
+        return await self._scan(body, request_texts(body, op, tokenizer), "input", pii, patterns)
 
     async def scan_response(self, body: dict[str, Any], op: Op, pii: Action, patterns: Action) -> Verdict:
-        return await self._scan(body, list(response_texts(body, op)), "output", pii, patterns)
+        return await self._scan(body, response_texts(body, op), "output", pii, patterns)
 
     async def run_in_worker(self, fn: Any, *args: Any) -> Any:
         """Run blocking analysis on the guardrail threads; callers wait for a slot when all are taken."""
         async with self._slots:
             return await asyncio.get_running_loop().run_in_executor(_WORKERS, fn, *args)
 
-    async def _scan(
-        self, body: dict[str, Any], fields: list[tuple[Path, str]], direction: Direction, pii: Action, patterns: Action
-    ) -> Verdict:
+    async def _scan(self, body: dict[str, Any], texts: Texts, direction: Direction, pii: Action,
+                    patterns: Action) -> Verdict:
         check_action(pii)
         check_action(patterns)
-        if not fields or (pii == "off" and patterns == "off"):
+        if (not texts.fields and not texts.malformed) or (pii == "off" and patterns == "off"):
             return Verdict(False, [], body)
-        suspects = self._suspects(fields, pii)
+        suspects = self._suspects(texts.fields, pii)
         if any(suspects):
-            return await self.run_in_worker(self._judge, body, fields, suspects, direction, pii, patterns)
-        return self._judge(body, fields, suspects, direction, pii, patterns)
+            return await self.run_in_worker(self._judge, body, texts, suspects, direction, pii, patterns)
+        return self._judge(body, texts, suspects, direction, pii, patterns)
 
     def _suspects(self, fields: Sequence[tuple[Path, str]], pii: Action) -> list[bool]:
         check_action(pii)
@@ -134,7 +144,7 @@ class Guardrails:
     def _judge(
         self,
         body: dict[str, Any],
-        fields: Sequence[tuple[Path, str]],
+        texts: Texts,
         suspects: Sequence[bool],
         direction: Direction,
         pii: Action,
@@ -142,7 +152,7 @@ class Guardrails:
     ) -> Verdict:
         check_action(patterns)
         found: list[tuple[Path, str, list[Span]]] = []
-        for (path, text), suspect in zip(fields, suspects, strict=True):
+        for (path, text), suspect in zip(texts.fields, suspects, strict=True):
             spans = self.detector.find_patterns(text) if patterns != "off" else []
             if suspect:
                 spans += self.detector.find_pii(text)
@@ -152,9 +162,10 @@ class Guardrails:
         message = block_message(findings, direction)
         if message is not None:
             return Verdict(True, findings, body, message)
-        replacements = {}
+        masked = {}
         for path, text, spans in found:
             to_mask = [s for s in spans if (pii if s.kind == "pii" else patterns) == "mask"]
             if to_mask:
-                replacements[path] = mask(text, to_mask)
-        return Verdict(False, findings, replace_texts(body, replacements))
+                masked[path] = mask(text, to_mask)
+        hides = pii in _HIDING or patterns in _HIDING
+        return Verdict(False, findings, rewrite(body, texts, masked, hides))

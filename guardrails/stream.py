@@ -35,6 +35,19 @@ CONTEXT_CHARS = 16
 MAX_HOLD_CHARS = 256
 
 
+def clip_text(text: str, limit: int) -> str:
+    """At most `limit` characters of text, cut before any trailing run that could be part of a PII item.
+
+    A value cut in the middle of a card number or an e-mail address keeps a piece no recogniser finds any more;
+    dropping the tail a stream scanner would hold back means what is kept masks like the whole text would.
+    """
+    if len(text) <= limit:
+        return text
+    head = text[:limit]
+    tail = _NER_TAIL.search(head)
+    return head[: tail.start()] if tail else head
+
+
 class StreamScanner:
     """One per streamed choice: feed each content delta, send what comes back, then send finish()."""
 

@@ -27,21 +27,24 @@ def build_provider(
     name: str,
     config: OpenAIProviderConfig | AzureProviderConfig | AnthropicProviderConfig | EmbeddedProviderConfig,
 ) -> Provider:
+    if isinstance(config, EmbeddedProviderConfig):
+        from gateway.providers.embedded import EmbeddedProvider
+
+        return EmbeddedProvider(name, config)
+    from gateway.providers.http import HttpLimits
+
+    limits = HttpLimits(config.max_head_bytes, config.max_response_bytes, config.max_event_bytes)
     if isinstance(config, OpenAIProviderConfig):
         from gateway.providers.openai import OpenAIProvider
 
         return OpenAIProvider(name, config.base_url, config.api_key, config.headers, config.max_connections,
-                              config.organization)
+                              config.organization, limits)
     if isinstance(config, AzureProviderConfig):
         from gateway.providers.openai import AzureOpenAIProvider
 
         return AzureOpenAIProvider(name, config.base_url, config.api_key, config.headers, config.max_connections,
-                                   config.api_version)
-    if isinstance(config, AnthropicProviderConfig):
-        from gateway.providers.anthropic import AnthropicProvider
+                                   config.api_version, limits)
+    from gateway.providers.anthropic import AnthropicProvider
 
-        return AnthropicProvider(name, config.base_url, config.api_key, config.headers, config.max_connections,
-                                 config.anthropic_version, config.default_max_tokens)
-    from gateway.providers.embedded import EmbeddedProvider
-
-    return EmbeddedProvider(name, config)
+    return AnthropicProvider(name, config.base_url, config.api_key, config.headers, config.max_connections,
+                             config.anthropic_version, config.default_max_tokens, limits)

@@ -138,10 +138,39 @@ def to_messages_request(body: dict, model: str, default_max_tokens: int) -> dict
     return out
 
 
+class InvalidMessage(ValueError):
+    """The upstream's message or stream event is not shaped as the Messages API documents."""
+
+
+def _string(value: object, what: str) -> str:
+    if value is None:
+        return ""
+    if type(value) is not str:
+        raise InvalidMessage(f"{what} is not a string")
+    return value
+
+
+def _object(value: object, what: str) -> dict:
+    if value is None:
+        return {}
+    if type(value) is not dict:
+        raise InvalidMessage(f"{what} is not an object")
+    return value
+
+
+def _tokens(usage: dict, name: str) -> int:
+    value = usage.get(name)
+    if value is None:
+        return 0
+    if type(value) is not int or value < 0:
+        raise InvalidMessage(f"usage.{name} is not a token count")
+    return value
+
+
 def usage_from(usage: dict) -> dict:
-    cached = int(usage.get("cache_read_input_tokens") or 0)
-    prompt = int(usage.get("input_tokens") or 0) + cached + int(usage.get("cache_creation_input_tokens") or 0)
-    completion = int(usage.get("output_tokens") or 0)
+    cached = _tokens(usage, "cache_read_input_tokens")
+    prompt = _tokens(usage, "input_tokens") + cached + _tokens(usage, "cache_creation_input_tokens")
+    completion = _tokens(usage, "output_tokens")
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -150,23 +179,38 @@ def usage_from(usage: dict) -> dict:
     }
 
 
+def _finish_reason(stop_reason: object) -> str:
+    return STOP_REASONS.get(_string(stop_reason, "stop_reason"), "stop")
+
+
 def from_message(message: dict) -> dict:
-    text = "".join(b.get("text", "") for b in message.get("content", []) if b.get("type") == "text")
-    calls = [
-        {"id": b["id"], "type": "function", "function": {"name": b["name"], "arguments": orjson.dumps(b["input"]).decode()}}
-        for b in message.get("content", []) if b.get("type") == "tool_use"
-    ]
+    """The chat completion for a Messages API message; InvalidMessage if the message is malformed."""
+    content = message.get("content")
+    if type(content) is not list:
+        raise InvalidMessage("content is not a list")
+    texts: list[str] = []
+    calls: list[dict] = []
+    for item in content:
+        block = _object(item, "a content block")
+        kind = block.get("type")
+        if kind == "text":
+            texts.append(_string(block.get("text"), "a text block's text"))
+        elif kind == "tool_use":
+            arguments = orjson.dumps(block.get("input")).decode()
+            calls.append({"id": _string(block.get("id"), "a tool_use id"), "type": "function",
+                          "function": {"name": _string(block.get("name"), "a tool_use name"), "arguments": arguments}})
+    text = "".join(texts)
     reply: dict = {"role": "assistant", "content": text if text or not calls else None}
     if calls:
         reply["tool_calls"] = calls
     return {
-        "id": f"chatcmpl-{message.get('id', '')}",
+        "id": f"chatcmpl-{_string(message.get('id'), 'id')}",
         "object": "chat.completion",
         "created": int(time.time()),
-        "model": message.get("model", ""),
+        "model": _string(message.get("model"), "model"),
         "choices": [{"index": 0, "message": reply, "logprobs": None,
-                     "finish_reason": STOP_REASONS.get(message.get("stop_reason") or "", "stop")}],
-        "usage": usage_from(message.get("usage") or {}),
+                     "finish_reason": _finish_reason(message.get("stop_reason"))}],
+        "usage": usage_from(_object(message.get("usage"), "usage")),
     }
 
 
@@ -187,33 +231,34 @@ class StreamTranslator:
                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
 
     def feed(self, event: str, data: dict) -> list[dict]:
+        """The chunks for one event; InvalidMessage if the event is malformed."""
         kind = data.get("type", event)
         if kind == "message_start":
-            message = data.get("message") or {}
-            self.id = f"chatcmpl-{message.get('id', '')}"
-            self.model = message.get("model", "")
-            self.usage.update(message.get("usage") or {})
+            message = _object(data.get("message"), "message_start.message")
+            self.id = f"chatcmpl-{_string(message.get('id'), 'message id')}"
+            self.model = _string(message.get("model"), "message model")
+            self.usage.update(_object(message.get("usage"), "message usage"))
             return [self._chunk({"role": "assistant", "content": ""})]
         if kind == "content_block_start":
-            block = data.get("content_block") or {}
+            block = _object(data.get("content_block"), "content_block")
             if block.get("type") == "tool_use":
                 self.tool_index += 1
-                call = {"index": self.tool_index, "id": block.get("id"), "type": "function",
-                        "function": {"name": block.get("name"), "arguments": ""}}
+                call = {"index": self.tool_index, "id": _string(block.get("id"), "a tool_use id"), "type": "function",
+                        "function": {"name": _string(block.get("name"), "a tool_use name"), "arguments": ""}}
                 return [self._chunk({"tool_calls": [call]})]
             return []
         if kind == "content_block_delta":
-            delta = data.get("delta") or {}
+            delta = _object(data.get("delta"), "content_block_delta.delta")
             if delta.get("type") == "text_delta":
-                return [self._chunk({"content": delta.get("text", "")})]
+                return [self._chunk({"content": _string(delta.get("text"), "a text delta")})]
             if delta.get("type") == "input_json_delta":
-                call = {"index": self.tool_index, "function": {"arguments": delta.get("partial_json", "")}}
-                return [self._chunk({"tool_calls": [call]})]
+                arguments = _string(delta.get("partial_json"), "an input_json delta")
+                return [self._chunk({"tool_calls": [{"index": self.tool_index, "function": {"arguments": arguments}}]})]
             return []
         if kind == "message_delta":
-            reason = (data.get("delta") or {}).get("stop_reason")
-            self.finish_reason = STOP_REASONS.get(reason or "", "stop")
-            self.usage.update({k: v for k, v in (data.get("usage") or {}).items() if v is not None})
+            self.finish_reason = _finish_reason(_object(data.get("delta"), "message_delta.delta").get("stop_reason"))
+            usage = _object(data.get("usage"), "message_delta.usage")
+            self.usage.update({k: v for k, v in usage.items() if v is not None})
             return []
         if kind == "message_stop":
             self.finished = True

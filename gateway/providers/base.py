@@ -16,34 +16,6 @@ Op = Literal["chat", "completions", "embeddings"]
 FailureKind = Literal["status", "timeout", "connect", "invalid", "reset"]
 
 
-@dataclass(slots=True)
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-
-    @classmethod
-    def from_openai(cls, usage: object) -> Usage | None:
-        if not isinstance(usage, dict):
-            return None
-        details = usage.get("prompt_tokens_details")
-        cached = details.get("cached_tokens") if isinstance(details, dict) else 0
-        return cls(
-            int(usage.get("prompt_tokens") or 0),
-            int(usage.get("completion_tokens") or 0),
-            int(cached or 0),
-        )
-
-
-@dataclass(slots=True)
-class Completion:
-    """A whole (non-streamed) answer. `body` holds the upstream's bytes when they pass through as they are."""
-
-    data: dict
-    body: bytes | None
-    usage: Usage | None
-
-
 class UpstreamError(Exception):
     """A provider failed: `kind` says how, `status` is the upstream's HTTP status where there was one."""
 
@@ -58,6 +30,44 @@ class UpstreamError(Exception):
     def condition(self) -> int | str:
         """What retry policies match on: the HTTP status, or the failure kind."""
         return self.status if self.kind == "status" and self.status is not None else self.kind
+
+
+def _count(usage: dict, name: str, provider: str) -> int:
+    value = usage.get(name)
+    if value is None:
+        return 0
+    if type(value) is not int or value < 0:
+        raise UpstreamError("invalid", f"{provider}: usage.{name} is not a token count ({type(value).__name__})")
+    return value
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    @classmethod
+    def from_openai(cls, usage: object, provider: str = "upstream") -> Usage | None:
+        """None when there is no usage; UpstreamError("invalid") when it is not shaped as OpenAI's."""
+        if usage is None:
+            return None
+        if type(usage) is not dict:
+            raise UpstreamError("invalid", f"{provider}: usage is not an object ({type(usage).__name__})")
+        details = usage.get("prompt_tokens_details")
+        if details is not None and type(details) is not dict:
+            raise UpstreamError("invalid", f"{provider}: usage.prompt_tokens_details is not an object")
+        return cls(_count(usage, "prompt_tokens", provider), _count(usage, "completion_tokens", provider),
+                   _count(details, "cached_tokens", provider) if details else 0)
+
+
+@dataclass(slots=True)
+class Completion:
+    """A whole (non-streamed) answer. `body` holds the upstream's bytes when they pass through as they are."""
+
+    data: dict
+    body: bytes | None
+    usage: Usage | None
 
 
 class UnsupportedOperation(Exception):
@@ -124,3 +134,88 @@ class Provider:
     ) -> ChunkStream:
         """Opens a stream. `request_id` and `priority` matter to engines that schedule, not to HTTP upstreams."""
         raise UnsupportedOperation(self.name, op)
+
+
+# The fields the gateway itself reads (guardrails, transcripts, records) must have the types OpenAI documents;
+# anything else in an answer passes through unchecked.
+_TEXT_FIELDS = frozenset({"content", "refusal", "reasoning_content", "role", "text", "finish_reason", "name",
+                          "arguments", "id", "type"})
+
+
+def _text_problem(holder: dict) -> str | None:
+    for key, value in holder.items():
+        if value is None:
+            continue
+        if key in _TEXT_FIELDS:
+            if type(value) is not str:
+                return f"{key} is not a string"
+        elif key == "index":
+            if type(value) is not int or value < 0:
+                return "index is not a non-negative integer"
+        elif key == "logprobs":
+            if type(value) is not dict:
+                return "logprobs is not an object"
+        elif key in ("delta", "message", "function"):
+            if type(value) is not dict:
+                return f"{key} is not an object"
+            problem = _text_problem(value)
+            if problem is not None:
+                return f"{key}.{problem}"
+        elif key == "tool_calls":
+            if type(value) is not list:
+                return "tool_calls is not a list"
+            for call in value:
+                problem = _text_problem(call) if type(call) is dict else "is not an object"
+                if problem is not None:
+                    return f"tool_calls[].{problem}"
+    return None
+
+
+def _choices_problem(choices: object) -> str | None:
+    if type(choices) is not list:
+        return "choices is not a list"
+    for choice in choices:
+        problem = _text_problem(choice) if type(choice) is dict else "is not an object"
+        if problem is not None:
+            return f"choices[].{problem}"
+    return None
+
+
+def check_chunk(chunk: dict, provider: str) -> None:
+    """Raises UpstreamError("invalid") for a stream chunk the gateway could not read safely."""
+    choices = chunk.get("choices")
+    if choices is not None:
+        if type(choices) is not list:
+            raise UpstreamError("invalid", f"{provider}: a stream chunk is malformed: choices is not a list")
+        for choice in choices:
+            if type(choice) is not dict:
+                raise UpstreamError("invalid", f"{provider}: a stream chunk is malformed: a choice is not an object")
+            delta = choice.get("delta")
+            # Nearly every chunk carries one piece of content and nothing else: a few lookups prove it well-formed.
+            if (type(delta) is dict and len(delta) == 1 and type(delta.get("content")) is str and len(choice) <= 4
+                    and type(index := choice.get("index")) is int and index >= 0 and choice.get("finish_reason") is None
+                    and choice.get("logprobs") is None):
+                continue
+            problem = _text_problem(choice)
+            if problem is not None:
+                raise UpstreamError("invalid", f"{provider}: a stream chunk is malformed: choices[].{problem}")
+    usage = chunk.get("usage")
+    if usage is not None:
+        Usage.from_openai(usage, provider)
+
+
+def answer_usage(data: dict, op: Op, provider: str) -> Usage | None:
+    """The usage of a whole answer, once its shape is known to be what `op` promises; else UpstreamError("invalid")."""
+    if op == "embeddings":
+        items = data.get("data")
+        problem = None if type(items) is list and all(
+            type(item) is dict and type(item.get("embedding")) in (list, str) for item in items
+        ) else "data is not a list of embeddings"
+    else:
+        choices = data.get("choices")
+        problem = _choices_problem(choices)
+        if problem is None and op == "chat" and not all(type(choice.get("message")) is dict for choice in choices):
+            problem = "a choice has no message"
+    if problem is not None:
+        raise UpstreamError("invalid", f"{provider}: the answer is malformed: {problem}")
+    return Usage.from_openai(data.get("usage"), provider)

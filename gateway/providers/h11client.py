@@ -10,15 +10,22 @@ did not ask to close it.
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 import time
 from collections import deque
 from urllib.parse import urlsplit
 
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILER, _UNTIL_EOF, _DONE = range(8)
-_MAX_HEAD = 65536
+MAX_HEAD_BYTES = 65536
+MAX_RESPONSE_BYTES = 32 * 1024 * 1024
+_MAX_HEADERS = 128
+_MAX_CHUNK_LINE = 1024
 _MAX_BUFFERED = 1 << 20
 _IDLE_S = 30.0
+_HEXDIGITS = b"0123456789abcdefABCDEF"
+# RFC 9112 7.1: chunk-size [ chunk-ext ]; sixteen digits already exceed any limit, so more are never needed.
+_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*;[^\r\n]*")
 
 
 class ProtocolError(Exception):
@@ -32,10 +39,12 @@ class ConnectError(OSError):
 class Response:
     """One response, read as its bytes arrive; `release()` always, once done with it."""
 
-    __slots__ = ("_body", "_buf", "_conn", "_deadline", "_error", "_hold", "_loop", "_paused", "_pool", "_read_s", "_released",
-                 "_remaining", "_state", "_waiter", "headers", "keep_alive", "status")
+    __slots__ = ("_body", "_buf", "_buffered", "_conn", "_deadline", "_error", "_hold", "_limit", "_loop", "_max_head",
+                 "_paused", "_pool", "_read_s", "_released", "_remaining", "_scanned", "_state", "_threshold", "_waiter",
+                 "headers", "keep_alive", "status")
 
-    def __init__(self, conn: _Connection, pool: Pool, read_s: float | None, deadline: float | None) -> None:
+    def __init__(self, conn: _Connection, pool: Pool, read_s: float | None, deadline: float | None,
+                 max_head: int = MAX_HEAD_BYTES, limit: int = MAX_RESPONSE_BYTES) -> None:
         self.status = 0
         self.headers: dict[str, str] = {}
         self.keep_alive = False
@@ -44,7 +53,13 @@ class Response:
         self._state = _HEAD
         self._buf = b""
         self._body: list[bytes] = []
+        self._buffered = 0
+        # Past this many buffered body bytes a streamed read pauses the upstream and a whole read fails.
+        self._threshold = _MAX_BUFFERED
         self._remaining = 0
+        self._scanned = 0
+        self._max_head = max_head
+        self._limit = limit
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._read_s = read_s
@@ -61,17 +76,25 @@ class Response:
     # Called by the connection, from the event loop.
 
     def feed(self, data: bytes) -> None:
+        if self._error is not None:
+            return
         self._buf = self._buf + data if self._buf else data
         try:
             self._parse()
         except ProtocolError as exc:
             self._fail(exc)
             return
-        # A reader that is behind stops the upstream through TCP; one that wants the whole body never is.
-        if not self._hold and not self._paused and self._body and sum(map(len, self._body)) > _MAX_BUFFERED:
+        if self._buffered > self._threshold:
+            self._over_threshold()
+        self._wake()
+
+    def _over_threshold(self) -> None:
+        if self._hold:
+            self._fail(ProtocolError(f"the answer is larger than the limit of {self._threshold} bytes"))
+        elif not self._paused:
+            # A reader that is behind stops the upstream through TCP.
             self._paused = True
             self._conn.transport.pause_reading()  # type: ignore[union-attr]
-        self._wake()
 
     def feed_end(self, exc: BaseException | None) -> None:
         if self._state == _UNTIL_EOF:
@@ -93,6 +116,7 @@ class Response:
 
     def _parse(self) -> None:
         # Walks the buffer by offset and slices once at the end: a read often holds many small chunks.
+        # Every branch advances `pos`, changes state or stops, so no input can keep this loop turning.
         buf = self._buf
         size = len(buf)
         pos = 0
@@ -107,18 +131,21 @@ class Response:
             elif state == _CHUNK_SIZE:
                 end = buf.find(b"\r\n", pos)
                 if end < 0:
-                    if size - pos > 1024:
+                    if size - pos > _MAX_CHUNK_LINE:
                         raise ProtocolError("chunk size line too long")
                     break
-                try:
-                    self._remaining = int(buf[pos:end].partition(b";")[0], 16)
-                except ValueError:
-                    raise ProtocolError("invalid chunk size") from None
+                line = buf[pos:end]
+                remaining = int(line, 16) if 0 < len(line) <= 16 and not line.translate(None, _HEXDIGITS) else \
+                    self._chunk_size(line)
+                if remaining > self._limit:
+                    raise ProtocolError(f"a chunk of {remaining} bytes is larger than the limit of {self._limit} bytes")
+                self._remaining = remaining
                 pos = end + 2
                 self._state = _CHUNK_DATA if self._remaining else _TRAILER
             elif state in (_CHUNK_DATA, _LENGTH):
                 take = min(self._remaining, size - pos)
                 body.append(buf if take == size else buf[pos:pos + take])
+                self._buffered += take
                 pos += take
                 self._remaining -= take
                 if not self._remaining:
@@ -136,11 +163,14 @@ class Response:
                 else:
                     end = buf.find(b"\r\n\r\n", pos)
                     if end < 0:
+                        if size - pos > self._max_head:
+                            raise ProtocolError("chunked trailer too long")
                         break
                     pos = end + 4
                 self._state = _DONE
             elif state == _UNTIL_EOF:
                 body.append(buf if not pos else buf[pos:])
+                self._buffered += size - pos
                 pos = size
             else:
                 # Bytes after the end of the response: the connection cannot be trusted with another request.
@@ -148,45 +178,95 @@ class Response:
                 pos = size
         self._buf = buf[pos:] if pos < size else b""
 
+    @staticmethod
+    def _chunk_size(line: bytes) -> int:
+        """A size line with an extension, or one outside the grammar (which the fast path in _parse leaves here)."""
+        match = _CHUNK_LINE.fullmatch(line)
+        if match is None:
+            raise ProtocolError(f"invalid chunk size line {line[:40]!r}")
+        return int(match.group(1), 16)
+
     def _parse_head(self) -> bool:
-        end = self._buf.find(b"\r\n\r\n")
+        buf = self._buf
+        end = buf.find(b"\r\n\r\n", self._scanned)
         if end < 0:
-            if len(self._buf) > _MAX_HEAD:
-                raise ProtocolError("response head too long")
+            if len(buf) > self._max_head:
+                raise ProtocolError(f"response head larger than {self._max_head} bytes")
+            # A head dripped in small pieces is searched once, not from its start on every piece.
+            self._scanned = max(len(buf) - 3, 0)
             return False
-        lines = self._buf[:end].split(b"\r\n")
-        self._buf = self._buf[end + 4:]
+        if end + 4 > self._max_head:
+            raise ProtocolError(f"response head larger than {self._max_head} bytes")
+        self._scanned = 0
+        head = buf[:end]
+        self._buf = buf[end + 4:]
+        lines = head.split(b"\r\n")
+        if len(lines) > _MAX_HEADERS + 1:
+            raise ProtocolError(f"more than {_MAX_HEADERS} response headers")
+        if head.count(b"\n") != len(lines) - 1 or head.count(b"\r") != len(lines) - 1:
+            raise ProtocolError("a bare CR or LF in the response head")
         version, _, rest = lines[0].partition(b" ")
         code = rest[:3]
-        if not version.startswith(b"HTTP/1.") or len(code) != 3 or not code.isdigit():
+        if version not in (b"HTTP/1.1", b"HTTP/1.0") or not code.isdigit() or len(code) != 3 or rest[3:4] not in (b"", b" "):
             raise ProtocolError(f"not an HTTP/1.1 status line: {lines[0][:40]!r}")
         status = int(code)
         if status < 200:
+            if status == 101:
+                raise ProtocolError("the upstream switched protocols, which was not asked for")
             return True
         headers: dict[str, str] = {}
         for line in lines[1:]:
             name, colon, value = line.partition(b":")
-            if not colon:
-                raise ProtocolError("header line without a colon")
-            key = name.strip().lower().decode("latin-1")
-            text = value.strip().decode("latin-1")
+            if not colon or not name or name[-1:] in (b" ", b"\t") or name[:1] in (b" ", b"\t"):
+                raise ProtocolError(f"invalid header line {line[:40]!r}")
+            key = name.lower().decode("latin-1")
+            text = value.strip(b" \t").decode("latin-1")
             headers[key] = f"{headers[key]}, {text}" if key in headers else text
         self.status, self.headers = status, headers
-        self.keep_alive = version == b"HTTP/1.1" and headers.get("connection", "").lower() != "close"
-        if "chunked" in headers.get("transfer-encoding", "").lower():
+        self._framing(version, status, headers)
+        return True
+
+    def _framing(self, version: bytes, status: int, headers: dict[str, str]) -> None:
+        """How the body ends, and whether the connection outlives it (RFC 9112 6.3, 9.6)."""
+        connection = headers.get("connection")
+        self.keep_alive = version == b"HTTP/1.1" and (connection is None or connection == "keep-alive" or "close" not in {
+            token.strip(" \t").lower() for token in connection.split(",")})
+        coding = headers.get("content-encoding")
+        if coding is not None and coding.strip().lower() not in ("", "identity"):
+            raise ProtocolError(f"a Content-Encoding that was not asked for: {coding[:40]!r}")
+        codings = headers.get("transfer-encoding")
+        length = headers.get("content-length")
+        if codings is not None:
+            if length is not None:
+                raise ProtocolError("both Transfer-Encoding and Content-Length")
+            if codings != "chunked" and [c for c in (c.strip(" \t") for c in codings.lower().split(",")) if c] != ["chunked"]:
+                raise ProtocolError(f"a Transfer-Encoding that was not asked for: {codings[:40]!r}")
             self._state = _CHUNK_SIZE
-        elif "content-length" in headers:
-            try:
-                self._remaining = int(headers["content-length"])
-            except ValueError:
-                raise ProtocolError("invalid Content-Length") from None
+        elif length is not None:
+            self._remaining = self._content_length(length)
             self._state = _LENGTH if self._remaining > 0 else _DONE
         elif status in (204, 304):
             self._state = _DONE
         else:
             self._state = _UNTIL_EOF
             self.keep_alive = False
-        return True
+
+    def _content_length(self, value: str) -> int:
+        text = value
+        if not (text.isdigit() and text.isascii()):
+            # Repeated headers were joined with commas; equal repeats are allowed (RFC 9110 8.6).
+            values = {part.strip(" \t") for part in value.split(",")}
+            if len(values) != 1:
+                raise ProtocolError("conflicting Content-Length values")
+            text = values.pop()
+            if not (text.isdigit() and text.isascii()):
+                raise ProtocolError(f"invalid Content-Length {text[:40]!r}")
+        if len(text) > 19:
+            raise ProtocolError(f"invalid Content-Length {text[:40]!r}")
+        length = int(text)
+        if length > self._limit:
+            raise ProtocolError(f"a Content-Length of {length} is larger than the limit of {self._limit} bytes")
+        return length
 
     # Called by the reader.
 
@@ -220,6 +300,7 @@ class Response:
             if self._body:
                 data = self._body[0] if len(self._body) == 1 else b"".join(self._body)
                 self._body.clear()
+                self._buffered = 0
                 if self._paused:
                     self._paused = False
                     self._conn.transport.resume_reading()  # type: ignore[union-attr]
@@ -230,9 +311,13 @@ class Response:
                 raise self._error
             await self._wait()
 
-    async def read(self) -> bytes:
+    async def read(self, limit: int | None = None) -> bytes:
+        """The whole body; a ProtocolError as soon as it grows past `limit` (the client's response limit by default)."""
         self._hold = True
-        if self._paused:
+        self._threshold = self._limit if limit is None else min(limit, self._limit)
+        if self._buffered > self._threshold:
+            self._over_threshold()
+        if self._paused and self._error is None:
             self._paused = False
             self._conn.transport.resume_reading()  # type: ignore[union-attr]
         while self._state != _DONE:
@@ -241,6 +326,7 @@ class Response:
             await self._wait()
         data = b"".join(self._body)
         self._body.clear()
+        self._buffered = 0
         return data
 
     def release(self) -> None:
@@ -396,10 +482,17 @@ _CLOSED: Pool = _Closed()  # type: ignore[assignment]
 
 
 class HttpClient:
-    """POSTs to any number of origins, a pool each; request heads are built once per (url, headers)."""
+    """POSTs to any number of origins, a pool each; request heads are built once per (url, headers).
 
-    def __init__(self, max_connections: int, ssl_context: ssl.SSLContext | None = None) -> None:
+    `max_head_bytes` bounds a response head; `max_response_bytes` a whole-body `read()`, any one chunk and any
+    Content-Length.
+    """
+
+    def __init__(self, max_connections: int, ssl_context: ssl.SSLContext | None = None,
+                 max_head_bytes: int = MAX_HEAD_BYTES, max_response_bytes: int = MAX_RESPONSE_BYTES) -> None:
         self.max_connections = max_connections
+        self.max_head_bytes = max_head_bytes
+        self.max_response_bytes = max_response_bytes
         self._ssl = ssl_context
         self._pools: dict[tuple[str, str, int], Pool] = {}
         self._heads: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[Pool, bytes]] = {}
@@ -437,7 +530,7 @@ class HttpClient:
         pool, head = self._target(url, headers)
         deadline = None if total_s is None else time.monotonic() + total_s
         conn = await pool.acquire(connect_s, deadline)
-        response = conn.response = Response(conn, pool, read_s, deadline)
+        response = conn.response = Response(conn, pool, read_s, deadline, self.max_head_bytes, self.max_response_bytes)
         try:
             if conn.lost or conn.transport is None:
                 raise ConnectionResetError("the connection closed before the request was sent")

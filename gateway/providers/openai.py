@@ -5,9 +5,8 @@ from __future__ import annotations
 import aiohttp
 import orjson
 
-from gateway.providers.base import ChunkStream, Completion, Op, Provider, UpstreamError, Usage
-from gateway.providers.http import HttpTransport
-from gateway.sse import EventReader
+from gateway.providers.base import ChunkStream, Completion, Op, Provider, answer_usage
+from gateway.providers.http import DEFAULT_LIMITS, HttpLimits, HttpTransport, credentials
 
 _PATHS: dict[str, str] = {"chat": "chat/completions", "completions": "completions", "embeddings": "embeddings"}
 
@@ -21,15 +20,16 @@ class OpenAIProvider(Provider):
         headers: dict[str, str],
         max_connections: int,
         organization: str | None = None,
+        limits: HttpLimits = DEFAULT_LIMITS,
     ) -> None:
         super().__init__(name)
         self.base_url = base_url.rstrip("/")
-        self.transport = HttpTransport(name, max_connections)
         self.headers = {"Content-Type": "application/json", **headers}
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
         if organization:
             self.headers["OpenAI-Organization"] = organization
+        self.transport = HttpTransport(name, max_connections, limits=limits, secrets=credentials(self.headers, api_key))
 
     async def start(self) -> None:
         await self.transport.start()
@@ -43,7 +43,7 @@ class OpenAIProvider(Provider):
     async def complete(self, op: Op, body: dict, timeout: aiohttp.ClientTimeout, **_: object) -> Completion:
         response = await self.transport.post(self.url(op, body), orjson.dumps(body), self.headers, timeout)
         data, raw = await self.transport.read_json(response)
-        return Completion(data, raw, Usage.from_openai(data.get("usage")))
+        return Completion(data, raw, answer_usage(data, op, self.name))
 
     async def stream(self, op: Op, body: dict, timeout: aiohttp.ClientTimeout, **_: object) -> ChunkStream:
         if op == "embeddings":
@@ -51,8 +51,8 @@ class OpenAIProvider(Provider):
         response = await self.transport.post(self.url(op, body), orjson.dumps(body), self.headers, timeout)
         if not response.content_type.startswith("text/event-stream"):
             response.release()
-            raise UpstreamError("invalid", f"{self.name}: upstream did not answer with an event stream")
-        reader = EventReader(response)
+            raise self.transport.failure("invalid", "upstream did not answer with an event stream")
+        reader = self.transport.event_reader(response)
         return ChunkStream(self.transport.openai_chunks(response, reader), response.release, reader.has_buffered)
 
 
@@ -61,12 +61,13 @@ class AzureOpenAIProvider(OpenAIProvider):
 
     def __init__(
         self, name: str, base_url: str, api_key: str | None, headers: dict[str, str], max_connections: int,
-        api_version: str,
+        api_version: str, limits: HttpLimits = DEFAULT_LIMITS,
     ) -> None:
-        super().__init__(name, base_url, None, headers, max_connections)
+        super().__init__(name, base_url, None, headers, max_connections, limits=limits)
         self.api_version = api_version
         if api_key:
             self.headers["api-key"] = api_key
+        self.transport.secrets = credentials(self.headers, api_key)
 
     def url(self, op: Op, body: dict) -> str:
         return f"{self.base_url}/openai/deployments/{body['model']}/{_PATHS[op]}?api-version={self.api_version}"

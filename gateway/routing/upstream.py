@@ -14,6 +14,7 @@ from gateway import metrics
 from gateway.compiled import CompiledPolicy, Route, Target
 from gateway.errors import GatewayError, bad_request
 from gateway.exchange import Exchange
+from gateway.inference.transcript import Transcript
 from gateway.providers import ChunkStream, Completion, Op, UnsupportedOperation, UpstreamError, Usage
 from gateway.providers.anthropic_translate import TranslationError
 from gateway.routing.breaker import BreakerRegistry, CircuitBreaker
@@ -218,33 +219,17 @@ async def _serve(route: Route, op: Op, body: dict, ex: Exchange, routes: Mapping
 
 async def _drain(stream: ChunkStream, ex: Exchange) -> dict:
     """Reads a shadow stream to its end; returns the answer shaped as the relay records a streamed one."""
-    field = "content" if ex.endpoint == "chat" else "text"
-    texts: dict[int, list[str]] = {}
-    finish: dict[int, str] = {}
+    transcript = Transcript("content" if ex.endpoint == "chat" else "text")
     try:
         async for chunk in stream:
             if not ex.first_byte_at:
                 ex.first_byte_at = time.perf_counter()
             if chunk.get("usage"):
                 ex.usage = Usage.from_openai(chunk["usage"])
-            for choice in chunk.get("choices") or ():
-                index = int(choice.get("index") or 0)
-                holder = choice.get("delta") if field == "content" else choice
-                text = holder.get(field) if isinstance(holder, dict) else None
-                if isinstance(text, str):
-                    texts.setdefault(index, []).append(text)
-                if choice.get("finish_reason"):
-                    finish[index] = choice["finish_reason"]
+            transcript.add(chunk)
     finally:
         await stream.aclose()
-    choices = []
-    for index in sorted(set(texts) | set(finish)):
-        text = "".join(texts.get(index, ()))
-        answer = {"message": {"role": "assistant", "content": text}} if field == "content" else {"text": text}
-        choices.append({"index": index, **answer, "finish_reason": finish.get(index)})
-    usage = ex.usage
-    return {"streamed": True, "choices": choices, "usage": None if usage is None else {
-        "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}}
+    return transcript.payload(ex.usage)
 
 
 async def _shadow_call(route: Route, op: Op, body: dict, routes: Mapping[str, Route], breakers: BreakerRegistry,

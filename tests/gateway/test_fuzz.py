@@ -68,7 +68,7 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzzed]:
     upstream = TolerantUpstream().start()
     path = folder / "policy.yaml"
     path.write_text(policy_text(POLICY, url=upstream.url, chdb=folder / "chdb", spool=folder / "spool"))
-    served = asyncio.run(start_gateway(path))
+    served = asyncio.run(start_gateway(path, ready_timeout_s=90))
     yield Fuzzed(served, folder / "chdb")
     if served.process.poll() is None:
         served.process.kill()

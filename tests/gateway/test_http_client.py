@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
+import signal
 import ssl
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -13,6 +15,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from gateway.providers.h11client import ConnectError, HttpClient, ProtocolError
 
@@ -226,3 +230,171 @@ async def test_https_upstreams_are_reached_over_verified_tls(serve, tmp_path: Pa
     with pytest.raises(ConnectError):
         await _post(untrusting, url)
     await untrusting.close()
+
+
+def _chunked(body: bytes, extra: bytes = b"") -> tuple[list[bytes], bool]:
+    return [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n%s\r\n%s" % (extra, body)], False
+
+
+@pytest.mark.parametrize("size_line", [b"5", b"05", b"0005", b"5;name=value", b"5 ;name", b"5\t; a=\"b c\""])
+async def test_chunk_sizes_with_leading_zeros_and_extensions_are_read(serve, size_line: bytes) -> None:
+    _, url = await serve(lambda _: _chunked(b"%s\r\nhello\r\n0\r\n\r\n" % size_line))
+    client = HttpClient(4)
+    assert await _post(client, url) == b"hello"
+    await client.close()
+
+
+@pytest.mark.parametrize("size_line", [b"-6", b"+5", b"0x5", b"0X5", b"5_0", b" 5", b"5 ", b"", b"g", b"5;\n",
+                                       b"FFFFFFFFFFFFFFFFFFFFFFFF", b"2000001"])
+async def test_a_chunk_size_outside_the_grammar_or_the_limit_is_a_protocol_error(serve, size_line: bytes) -> None:
+    _, url = await serve(lambda _: _chunked(b"5\r\nhello\r\n%s\r\nworld\r\n0\r\n\r\n" % size_line))
+    client = HttpClient(4, max_response_bytes=32 * 1024 * 1024)
+    with pytest.raises(ProtocolError):
+        await _post(client, url)
+    await client.close()
+
+
+@pytest.mark.parametrize("header", [b"Transfer-Encoding: gzip, chunked", b"Transfer-Encoding: xchunked",
+                                    b"Transfer-Encoding: chunked, chunked", b"Transfer-Encoding: identity",
+                                    b"Transfer-Encoding: chun ked",
+                                    b"Transfer-Encoding: chunked\r\nContent-Length: 5", b"Content-Encoding: gzip",
+                                    b"Content-Length: 5, 6", b"Content-Length: +5", b"Content-Length: 0x5",
+                                    b"Content-Length: \xb2", b"Content-Length : 5", b"X-Folded: a\r\n b",
+                                    b"X-Bare: a\nb"])
+async def test_framing_headers_are_read_as_exact_tokens(serve, header: bytes) -> None:
+    _, url = await serve(lambda _: ([b"HTTP/1.1 200 OK\r\n%s\r\n\r\n5\r\nhello\r\n0\r\n\r\n" % header], False))
+    client = HttpClient(4)
+    with pytest.raises(ProtocolError):
+        await _post(client, url)
+    await client.close()
+
+
+async def test_chunked_as_a_token_and_repeated_equal_lengths_are_accepted(serve) -> None:
+    _, url = await serve(lambda _: ([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: , Chunked \r\n\r\n5\r\nhello\r\n0\r\n\r\n"], False))
+    client = HttpClient(4)
+    assert await _post(client, url) == b"hello"
+    _, url = await serve(lambda _: _length(b"hello", b"Content-Length: 5\r\n"))
+    assert await _post(client, url) == b"hello"
+    await client.close()
+
+
+@pytest.mark.parametrize("connection", [b"keep-alive, close", b"Close", b"upgrade,close"])
+async def test_close_anywhere_in_the_connection_header_closes(serve, connection: bytes) -> None:
+    upstream, url = await serve(lambda _: _length(JSON, b"Connection: %s\r\n" % connection))
+    client = HttpClient(4)
+    assert [await _post(client, url) for _ in range(2)] == [JSON] * 2
+    assert upstream.connections == 2
+    await client.close()
+
+
+async def test_heads_past_the_size_or_count_limit_are_refused(serve) -> None:
+    pad = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"p" * 100) for i in range(100))
+    _, url = await serve(lambda _: _length(JSON, pad))
+    client = HttpClient(4, max_head_bytes=8192)
+    with pytest.raises(ProtocolError, match="head larger"):
+        await _post(client, url)
+    many = b"".join(b"X-Many-%d: m\r\n" % i for i in range(500))
+    _, url = await serve(lambda _: _length(JSON, many))
+    with pytest.raises(ProtocolError, match="headers"):
+        await _post(client, url)
+    await client.close()
+
+
+async def test_a_whole_read_fails_once_it_passes_the_limit_not_at_the_end(serve) -> None:
+    sent = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        piece = b"%x\r\n%s\r\n" % (65536, b"z" * 65536)
+        try:
+            for _ in range(1600):
+                writer.write(piece)
+                await writer.drain()
+                sent += len(piece)
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/chat"
+    client = HttpClient(4, max_response_bytes=1024 * 1024)
+    with pytest.raises(ProtocolError, match="larger than the limit"):
+        await _post(client, url)
+    await client.close()
+    await asyncio.sleep(0.2)
+    server.close()
+    assert sent < 16 * 1024 * 1024, "the upstream was cut off long before its 100 MB"
+    _, url = await serve(lambda _: _length(b"x" * 2048, b""))
+    small = HttpClient(4, max_response_bytes=1024)
+    with pytest.raises(ProtocolError, match="Content-Length"):
+        await _post(small, url)
+    await small.close()
+
+
+_HEADS = [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
+          b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"HTTP/1.1 200 OK\r\n\r\n"]
+_PIECES = [b"HTTP/1.1 200 OK\r\n", b"Transfer-Encoding: chunked\r\n", b"Content-Length: -1\r\n", b"Connection: close\r\n",
+           b"\r\n", b"\r", b"\n", b";ext=1", b"hello", b"0\r\n\r\n", b":", b"\xff"]
+_valid_chunk = st.binary(min_size=1, max_size=12).map(lambda data: b"%x\r\n%s\r\n" % (len(data), data))
+_odd_size = st.integers(-12, -1).map(lambda n: b"%d" % n) | st.sampled_from(
+    [b"+5", b"0x5", b"5_0", b" 5", b"F" * 20, b"", b"z", b"0"])
+_odd_chunk = st.tuples(_odd_size, st.sampled_from([b"", b";e=1"]), st.binary(max_size=12)).map(
+    lambda parts: parts[0] + parts[1] + b"\r\n" + parts[2] + b"\r\n")
+_noise = st.sampled_from(_PIECES) | st.binary(max_size=8)
+# Mostly well-framed answers with a fault somewhere: random bytes alone rarely get past the status line.
+_answers = st.tuples(st.sampled_from(_HEADS),
+                     st.lists(st.one_of(_valid_chunk, _valid_chunk, _odd_chunk, _odd_chunk, _noise), max_size=12))
+
+
+class _Stuck(Exception):
+    pass
+
+
+_interrupted: list[bool] = []
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    # Noted before raising: the event loop turns an exception inside a protocol callback into a closed connection.
+    _interrupted.append(True)
+    raise _Stuck
+
+
+async def _one_answer(wire: bytes) -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(wire)
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    client = HttpClient(2, max_head_bytes=4096, max_response_bytes=4096)
+    try:
+        await _post(client, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/", read_s=0.5)
+    except (ProtocolError, ConnectionError, TimeoutError):
+        pass
+    finally:
+        await client.close()
+        server.close()
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_answers)
+@example((_HEADS[0], [b"5\r\nhello\r\n", b"-6\r\nabcdef\r\n"]))
+def test_no_answer_makes_the_parser_loop_or_raise_anything_else(answer: tuple[bytes, list[bytes]]) -> None:
+    wire = answer[0] + b"".join(answer[1])
+    # An endless loop in the parser never yields to the event loop, so only a signal can stop it.
+    _interrupted.clear()
+    previous = signal.signal(signal.SIGALRM, _interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 10.0)
+    try:
+        asyncio.run(_one_answer(wire))
+    except _Stuck:
+        pass
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert not _interrupted, f"the parser did not finish with {wire!r}"

@@ -1,6 +1,6 @@
 import pytest
 
-from guardrails import Guardrails, words_to_regex
+from guardrails import Guardrails, Unscannable, words_to_regex
 
 CARD = "4111 1111 1111 1111"
 EMAIL = "maria.gonzalez@acme-corp.com"
@@ -63,8 +63,13 @@ async def test_clean_body_is_returned_as_is(guard: Guardrails) -> None:
 async def test_completions_prompt_and_embeddings_input(guard: Guardrails) -> None:
     prompt = await guard.scan_request({"prompt": ["fine", f"to {EMAIL}"]}, "completions", "mask", "off")
     assert prompt.body["prompt"] == ["fine", "to <EMAIL_ADDRESS>"]
-    embeddings = await guard.scan_request({"input": ["ip 10.0.0.7", [1, 2, 3]]}, "embeddings", "mask", "off")
-    assert embeddings.body["input"] == ["ip <IP_ADDRESS>", [1, 2, 3]]
+    embeddings = await guard.scan_request({"input": ["ip 10.0.0.7", "clean"]}, "embeddings", "mask", "off")
+    assert embeddings.body["input"] == ["ip <IP_ADDRESS>", "clean"]
+
+
+async def test_token_ids_without_a_tokenizer_are_never_passed_unread(guard: Guardrails) -> None:
+    with pytest.raises(Unscannable, match="token ids"):
+        await guard.scan_request({"input": ["fine", [1, 2, 3]]}, "embeddings", "flag", "off")
 
 
 async def test_response_bodies_are_scanned_on_output(guard: Guardrails) -> None:
