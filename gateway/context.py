@@ -89,7 +89,8 @@ def _masks_metadata(policy: CompiledPolicy) -> bool:
 
 
 async def _mask_payloads(record: dict, policy: CompiledPolicy, guard: Guardrails) -> None:
-    op = record["endpoint"]
+    # The payloads are canonical requests: the Responses and Messages doors store the chat body they became.
+    op = record["endpoint"] if record["endpoint"] in ("completions", "embeddings") else "chat"
     request = record["request_payload"]
     if request is not None:
         if not isinstance(request, dict):

@@ -12,6 +12,7 @@ from gateway.providers import Usage
 @dataclass(slots=True)
 class Exchange:
     endpoint: str
+    op: str = "chat"
     request_id: str = field(default_factory=uuid7)
     ts: float = field(default_factory=time.time)
     started: float = field(default_factory=time.perf_counter)

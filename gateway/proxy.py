@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 
 import orjson
 from aiohttp import http_exceptions, web
 
 from gateway import governance, guarding, metrics
 from gateway.api.connections import describe_fault
+from gateway.api.doors import CHAT, Door
 from gateway.compiled import CompiledPolicy, Route
 from gateway.context import GATEWAY
 from gateway.errors import GatewayError, bad_request, model_not_found, unauthorized
@@ -21,6 +23,7 @@ from gateway.streaming import RelayOptions, relay
 from guardrails import clip_text
 from policies.keys import Principal
 from policies.schema import ServerConfig
+from policies.tokens import count_prompt_tokens
 
 log = logging.getLogger("lockgate")
 
@@ -29,14 +32,12 @@ _JSON = "application/json"
 _MAX_KEY_CHARS = 512
 
 
-def authenticate(request: web.Request, policy: CompiledPolicy) -> Principal:
-    header = request.headers.get("Authorization")
-    if not header:
-        raise unauthorized("You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+def authenticate(request: web.Request, policy: CompiledPolicy, door: Door = CHAT) -> Principal:
+    token = door.credentials(request)
+    if token is None:
+        raise unauthorized(door.missing_key_message())
+    if not token:
         raise unauthorized("The Authorization header must be 'Bearer <key>'.")
-    token = token.strip()
     # A key is printable ASCII; anything else cannot match one, and must not reach the hash as text it cannot encode.
     if not token.isascii() or not token.isprintable() or len(token) > _MAX_KEY_CHARS:
         raise unauthorized("Incorrect API key provided.")
@@ -146,10 +147,11 @@ def _client_metadata(request: web.Request, body: dict, ex: Exchange) -> None:
                 ex.metadata[f"tag.{clip_text(key.strip(), 64)}"] = clip_text(value.strip(), 512)
 
 
-async def serve(request: web.Request, op: Op, policy: CompiledPolicy, ex: Exchange) -> web.StreamResponse:
-    principal = authenticate(request, policy)
+async def serve(request: web.Request, door: Door, policy: CompiledPolicy, ex: Exchange) -> web.StreamResponse:
+    principal = authenticate(request, policy, door)
     ex.key_id, ex.user, ex.groups = principal.key_id, principal.user, principal.groups
-    body = await read_body(request, policy.loaded.policy.server)
+    op = door.op
+    body, state = door.prepare(await read_body(request, policy.loaded.policy.server))
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad_request("You must provide a model parameter.", "model", "missing_required_parameter")
@@ -166,16 +168,27 @@ async def serve(request: web.Request, op: Op, policy: CompiledPolicy, ex: Exchan
         ex.request_payload = body
     admission = await governance.admit(policy.governance, principal, route, op, body, ex)
     try:
-        return await _forward(request, op, policy, route, body, ex, {"x-request-id": ex.request_id,
-                                                                      **admission.headers()})
+        prompt_tokens = count_prompt_tokens(route.targets[0].model, op, body) if door.announces_prompt_tokens else 0
+        return await _forward(request, _Call(door, state, prompt_tokens), policy, route, body, ex,
+                              {"x-request-id": ex.request_id, **admission.headers()})
     finally:
         await governance.settle(policy.governance, admission, ex)
 
 
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """What the door needs back to write the answer in its own format."""
+
+    door: Door
+    state: object
+    prompt_tokens: int
+
+
 async def _forward(
-    request: web.Request, op: Op, policy: CompiledPolicy, route: Route, body: dict, ex: Exchange,
+    request: web.Request, call: _Call, policy: CompiledPolicy, route: Route, body: dict, ex: Exchange,
     headers: dict[str, str],
 ) -> web.StreamResponse:
+    op = call.door.op
     guards = route.guards
     if guards.check_input:
         body = await guarding.check_request(guards, op, body, ex)
@@ -183,9 +196,12 @@ async def _forward(
             ex.request_payload = body
     if ex.streamed:
         upstream = await open_stream(route, op, body, ex, policy, request.app[GATEWAY].resilience)
-        wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        encoder = call.door.encoder(call.state, call.prompt_tokens)
+        # A door that writes its own events reads usage from the chunks; OpenAI clients get it only when they asked.
+        wants_usage = encoder is not None or bool((body.get("stream_options") or {}).get("include_usage"))
         scan = guarding.StreamGuard(guards, "content" if op == "chat" else "text") if guards.check_output else None
-        return await relay(request, upstream, ex, RelayOptions(wants_usage, headers, scan, policy.log_payloads))
+        return await relay(request, upstream, ex, RelayOptions(wants_usage, headers, scan, policy.log_payloads,
+                                                                encoder))
     completion = await complete(route, op, body, ex, policy, request.app[GATEWAY].resilience)
     ex.usage = completion.usage
     raw = completion.body
@@ -196,15 +212,15 @@ async def _forward(
     if policy.log_payloads:
         ex.response_payload = raw or completion.data
     headers["Content-Type"] = _JSON
-    return web.Response(body=raw or orjson.dumps(completion.data), headers=headers)
+    return web.Response(body=call.door.whole(completion.data, raw, call.state), headers=headers)
 
 
-async def handle(request: web.Request, op: Op, policy: CompiledPolicy) -> web.StreamResponse:
-    ex = Exchange(op, policy_version=policy.version)
+async def handle(request: web.Request, door: Door, policy: CompiledPolicy) -> web.StreamResponse:
+    ex = Exchange(door.endpoint, op=door.op, policy_version=policy.version)
     metrics.IN_FLIGHT.inc()
     try:
         try:
-            response = await serve(request, op, policy, ex)
+            response = await serve(request, door, policy, ex)
         except GatewayError:
             raise
         except Exception:
@@ -214,7 +230,7 @@ async def handle(request: web.Request, op: Op, policy: CompiledPolicy) -> web.St
     except GatewayError as err:
         ex.status, ex.error_type, ex.error_code = err.status, err.type, err.code or ""
         metrics.count_error(err.code or err.type, err.status)
-        response = err.response()
+        response = door.error_response(err)
         response.headers["x-request-id"] = ex.request_id
         if err.status in (408, 413):
             # The body was not read to its end, so the connection cannot carry another request.
@@ -228,6 +244,6 @@ async def handle(request: web.Request, op: Op, policy: CompiledPolicy) -> web.St
     finally:
         metrics.IN_FLIGHT.dec()
     finished = time.perf_counter()
-    metrics.observe_request(ex.route or "-", op, ex.status, finished - ex.started)
+    metrics.observe_request(ex.route or "-", door.endpoint, ex.status, finished - ex.started)
     request.app[GATEWAY].record(ex, finished, policy)
     return response

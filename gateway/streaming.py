@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from gateway.api.doors import StreamEncoder
 from gateway.errors import GatewayError
 from gateway.exchange import Exchange
 from gateway.guarding import StreamGuard, failure, note_findings, violation
@@ -29,17 +30,22 @@ class RelayOptions:
     headers: dict[str, str]
     scan: StreamGuard | None
     collect: bool
+    # None: chunks go out as OpenAI chunks; otherwise the door's own events (Responses, Anthropic Messages).
+    encoder: StreamEncoder | None = None
 
 
 async def relay(request: web.Request, stream: ChunkStream, ex: Exchange, options: RelayOptions) -> web.StreamResponse:
     response = web.StreamResponse(headers={**SSE_HEADERS, **options.headers})
-    field = "content" if ex.endpoint == "chat" else "text"
+    field = "content" if ex.op == "chat" else "text"
+    encoder = options.encoder
     transcript = Transcript(field) if options.collect else None
     scan = options.scan
     pending: list[bytes] = []
     opened = time.perf_counter()
     try:
         await response.prepare(request)
+        if encoder is not None:
+            pending.extend(encoder.start())
         async for chunk in stream:
             if not ex.first_byte_at:
                 ex.first_byte_at = time.perf_counter()
@@ -55,7 +61,10 @@ async def relay(request: web.Request, stream: ChunkStream, ex: Exchange, options
                 raise violation(scan.message)
             if transcript is not None:
                 transcript.add(chunk)
-            pending.append(event(chunk))
+            if encoder is None:
+                pending.append(event(chunk))
+            else:
+                pending.extend(encoder.feed(chunk))
             # Chunks that arrived together leave together: one write instead of one per chunk.
             if not stream.buffered():
                 await response.write(b"".join(pending))
@@ -67,15 +76,21 @@ async def relay(request: web.Request, stream: ChunkStream, ex: Exchange, options
             if rest is not None:
                 if transcript is not None:
                     transcript.add(rest)
-                pending.append(event(rest))
-        pending.append(DONE)
+                if encoder is None:
+                    pending.append(event(rest))
+                else:
+                    pending.extend(encoder.feed(rest))
+        if encoder is None:
+            pending.append(DONE)
+        else:
+            pending.extend(encoder.finish())
         await response.write(b"".join(pending))
     except UpstreamError as err:
-        await _end_with_error(response, ex, upstream_failure(err), pending)
+        await _end_with_error(response, ex, upstream_failure(err), pending, encoder)
     except GuardrailError as exc:
-        await _end_with_error(response, ex, failure(exc), pending)
+        await _end_with_error(response, ex, failure(exc), pending, encoder)
     except GatewayError as err:
-        await _end_with_error(response, ex, err, pending)
+        await _end_with_error(response, ex, err, pending, encoder)
     except ConnectionError:
         ex.status, ex.error_type, ex.error_code = 499, "client_closed", "client_closed_request"
     except Exception:
@@ -83,7 +98,7 @@ async def relay(request: web.Request, stream: ChunkStream, ex: Exchange, options
             raise
         # The head is sent: whatever failed, the client still gets an error event and a clean end, never a second head.
         log.exception("request %s failed inside the gateway while streaming", ex.request_id)
-        await _end_with_error(response, ex, _INTERNAL, pending)
+        await _end_with_error(response, ex, _INTERNAL, pending, encoder)
     finally:
         ex.upstream_s += time.perf_counter() - opened
         await _close_upstream(stream, ex)
@@ -107,8 +122,10 @@ async def _close_upstream(stream: ChunkStream, ex: Exchange) -> None:
 
 
 async def _end_with_error(
-    response: web.StreamResponse, ex: Exchange, failure: GatewayError, pending: list[bytes]
+    response: web.StreamResponse, ex: Exchange, failure: GatewayError, pending: list[bytes],
+    encoder: StreamEncoder | None,
 ) -> None:
     ex.status, ex.error_type, ex.error_code = failure.status, failure.type, failure.code or ""
+    pending.extend([event(failure.payload())] if encoder is None else encoder.error(failure))
     with contextlib.suppress(ConnectionError):
-        await response.write(b"".join(pending) + event(failure.payload()))
+        await response.write(b"".join(pending))

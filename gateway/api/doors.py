@@ -45,6 +45,8 @@ class Door:
 
     endpoint: str
     op: Op
+    # Anthropic's stream opens with the prompt's token count, before the upstream has said it.
+    announces_prompt_tokens: bool = False
 
     def credentials(self, request: web.Request) -> str | None:
         """The presented key; None when none was sent, "" when the header is not a bearer key."""
@@ -150,4 +152,4 @@ CHAT = Door("chat", "chat")
 COMPLETIONS = Door("completions", "completions")
 EMBEDDINGS = Door("embeddings", "embeddings")
 RESPONSES = ResponsesDoor("responses", "chat")
-MESSAGES = MessagesDoor("messages", "chat")
+MESSAGES = MessagesDoor("messages", "chat", announces_prompt_tokens=True)

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.api import admin, health, models, openai
+from gateway.api import admin, health, messages, models, openai
 
 
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/chat/completions", openai.chat_completions)
     app.router.add_post("/v1/completions", openai.completions)
     app.router.add_post("/v1/embeddings", openai.embeddings)
+    app.router.add_post("/v1/responses", openai.responses)
+    # The anthropic SDK appends /v1/messages to its base_url: the gateway's root, or its /anthropic prefix.
+    for prefix in ("", "/anthropic"):
+        app.router.add_post(f"{prefix}/v1/messages", messages.create_message)
+        app.router.add_post(f"{prefix}/v1/messages/count_tokens", messages.count_tokens)
     app.router.add_get("/v1/models", models.list_models)
     app.router.add_get("/v1/models/{model:.+}", models.get_model)
     app.router.add_get("/healthz", health.healthz)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from dataclasses import dataclass, field
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
@@ -27,7 +28,16 @@ class WriterMetrics:
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> WriterMetrics:
+        """The writer metrics of a registry, made once: a later writer in the same process (a restarted app, the
+        tests) takes them over; counters keep counting for the process, gauges read the newest writer."""
         registry = REGISTRY if registry is None else registry
+        made = _MADE.get(registry)
+        if made is None:
+            made = _MADE[registry] = cls._make(registry)
+        return made
+
+    @classmethod
+    def _make(cls, registry: CollectorRegistry) -> WriterMetrics:
         prefix = "lockgate_inference_"
         return cls(
             queue_depth=Gauge(f"{prefix}queue_depth", "Records waiting in memory for the writer", registry=registry),
@@ -59,6 +69,9 @@ class WriterMetrics:
                 registry=registry,
             ),
         )
+
+
+_MADE: weakref.WeakKeyDictionary[CollectorRegistry, WriterMetrics] = weakref.WeakKeyDictionary()
 
 
 @dataclass

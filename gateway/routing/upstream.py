@@ -219,7 +219,7 @@ async def _serve(route: Route, op: Op, body: dict, ex: Exchange, routes: Mapping
 
 async def _drain(stream: ChunkStream, ex: Exchange) -> dict:
     """Reads a shadow stream to its end; returns the answer shaped as the relay records a streamed one."""
-    transcript = Transcript("content" if ex.endpoint == "chat" else "text")
+    transcript = Transcript("content" if ex.op == "chat" else "text")
     try:
         async for chunk in stream:
             if not ex.first_byte_at:
@@ -258,7 +258,7 @@ def _mirror(route: Route, op: Op, body: dict, ex: Exchange, policy: CompiledPoli
     shadow_route = policy.routes.get(shadow.route)
     if shadow_route is None:
         return
-    shadow_ex = Exchange(ex.endpoint, key_id=ex.key_id, user=ex.user, groups=ex.groups, route=shadow.route,
+    shadow_ex = Exchange(ex.endpoint, op=ex.op, key_id=ex.key_id, user=ex.user, groups=ex.groups, route=shadow.route,
                          streamed=stream, request_payload=body if policy.log_payloads else None,
                          policy_version=ex.policy_version, is_shadow=True, shadow_of=ex.request_id)
     call = functools.partial(_shadow_call, shadow_route, op, body, policy.routes, resilience.breakers, stream,
