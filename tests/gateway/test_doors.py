@@ -45,7 +45,7 @@ HI = [{"role": "user", "content": "hi"}]
 
 @pytest.fixture
 async def doors(make_gateway, fake_openai, aiohttp_server, tmp_path: Path):
-    fake, upstream = fake_openai
+    _, upstream = fake_openai
     tools = await aiohttp_server(FakeOpenAI(answer=TOOL).app())
     return await make_gateway(POLICY, url=str(upstream.make_url("/v1")), tools_url=str(tools.make_url("/v1")),
                               chdb=tmp_path / "chdb", spool=tmp_path / "spool")
