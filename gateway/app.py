@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
+from gateway.api.cors import install_cors
 from gateway.api.routes import add_routes
 from gateway.compiled import ProviderPool
 from gateway.context import GATEWAY, Gateway
@@ -57,6 +58,8 @@ def create_app(policy_path: str | os.PathLike[str]) -> web.Application:
     pool = ProviderPool(retire_after_s=server.shutdown_timeout_s + 5)
     holder = PolicyHolder(policy_path, pool)
     app = web.Application(middlewares=[openai_errors], client_max_size=server.max_request_bytes)
+    if server.cors.allow_origins:
+        install_cors(app, server.cors)
     app[GATEWAY] = Gateway(holder)
     app[SERVER_CONFIG] = server
 

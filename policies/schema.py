@@ -18,6 +18,15 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class CorsConfig(Strict):
+    """Browsers calling the gateway directly; nothing is allowed unless listed."""
+
+    allow_origins: list[str] = Field([], description="exact origins such as https://app.example.com, or '*'")
+    allow_headers: list[str] = ["authorization", "content-type", "x-api-key", "anthropic-version", "anthropic-beta",
+                                "x-lockgate-tags", "openai-organization", "x-stainless-*"]
+    max_age_s: int = Field(600, ge=0, description="how long a browser may cache a preflight answer")
+
+
 class ServerConfig(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
@@ -34,6 +43,7 @@ class ServerConfig(Strict):
         "reader is cut and its upstream or engine request aborted")
     max_connections: int = Field(4096, ge=1, description="client connections per worker; more are refused")
     max_json_depth: int = Field(64, ge=2, le=200, description="deepest nesting accepted in a request body")
+    cors: CorsConfig = CorsConfig()
 
 
 class KeyConfig(Strict):
