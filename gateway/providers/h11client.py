@@ -5,31 +5,43 @@ always sends the same headers to the same origin, so its request head is built o
 `write`, a head parse and, for a short answer, no wait beyond the first read. One asyncio Protocol per pooled
 connection; a connection goes back to its pool only when its response was read to the end and the upstream
 did not ask to close it.
+
+Nothing the upstream sends is trusted: framing follows h11framing's strict reading of RFC 9112, the head and a
+whole-body read are bounded (`max_head_bytes`, `max_response_bytes`), and a read that passes its bound fails at
+once rather than at the end of the body.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
 import ssl
 import time
 from collections import deque
 from urllib.parse import urlsplit
 
-_HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILER, _UNTIL_EOF, _DONE = range(8)
+from gateway.providers.h11framing import (
+    CHUNK_DATA,
+    CHUNK_END,
+    CHUNK_SIZE,
+    DONE,
+    HEAD,
+    HEXDIGITS,
+    LENGTH,
+    TRAILER,
+    UNTIL_EOF,
+    ProtocolError,
+    body_framing,
+    chunk_size,
+    parse_head,
+)
+
+__all__ = ["MAX_HEAD_BYTES", "MAX_RESPONSE_BYTES", "ConnectError", "HttpClient", "ProtocolError", "Response"]
+
 MAX_HEAD_BYTES = 65536
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024
-_MAX_HEADERS = 128
 _MAX_CHUNK_LINE = 1024
 _MAX_BUFFERED = 1 << 20
 _IDLE_S = 30.0
-_HEXDIGITS = b"0123456789abcdefABCDEF"
-# RFC 9112 7.1: chunk-size [ chunk-ext ]; sixteen digits already exceed any limit, so more are never needed.
-_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*;[^\r\n]*")
-
-
-class ProtocolError(Exception):
-    """The upstream's bytes are not an HTTP/1.1 response."""
 
 
 class ConnectError(OSError):
@@ -50,7 +62,7 @@ class Response:
         self.keep_alive = False
         self._conn = conn
         self._pool = pool
-        self._state = _HEAD
+        self._state = HEAD
         self._buf = b""
         self._body: list[bytes] = []
         self._buffered = 0
@@ -97,10 +109,10 @@ class Response:
             self._conn.transport.pause_reading()  # type: ignore[union-attr]
 
     def feed_end(self, exc: BaseException | None) -> None:
-        if self._state == _UNTIL_EOF:
-            self._state = _DONE
+        if self._state == UNTIL_EOF:
+            self._state = DONE
             self._wake()
-        elif self._state != _DONE:
+        elif self._state != DONE:
             self._fail(ConnectionResetError("the upstream closed the connection before the response ended"))
 
     def _fail(self, exc: BaseException) -> None:
@@ -123,41 +135,41 @@ class Response:
         body = self._body
         while pos < size:
             state = self._state
-            if state == _HEAD:
+            if state == HEAD:
                 self._buf = buf[pos:]
                 if not self._parse_head():
                     return
                 buf, pos, size = self._buf, 0, len(self._buf)
-            elif state == _CHUNK_SIZE:
+            elif state == CHUNK_SIZE:
                 end = buf.find(b"\r\n", pos)
                 if end < 0:
                     if size - pos > _MAX_CHUNK_LINE:
                         raise ProtocolError("chunk size line too long")
                     break
                 line = buf[pos:end]
-                remaining = int(line, 16) if 0 < len(line) <= 16 and not line.translate(None, _HEXDIGITS) else \
-                    self._chunk_size(line)
+                remaining = int(line, 16) if 0 < len(line) <= 16 and not line.translate(None, HEXDIGITS) else \
+                    chunk_size(line)
                 if remaining > self._limit:
                     raise ProtocolError(f"a chunk of {remaining} bytes is larger than the limit of {self._limit} bytes")
                 self._remaining = remaining
                 pos = end + 2
-                self._state = _CHUNK_DATA if self._remaining else _TRAILER
-            elif state in (_CHUNK_DATA, _LENGTH):
+                self._state = CHUNK_DATA if self._remaining else TRAILER
+            elif state in (CHUNK_DATA, LENGTH):
                 take = min(self._remaining, size - pos)
                 body.append(buf if take == size else buf[pos:pos + take])
                 self._buffered += take
                 pos += take
                 self._remaining -= take
                 if not self._remaining:
-                    self._state = _DONE if state == _LENGTH else _CHUNK_END
-            elif state == _CHUNK_END:
+                    self._state = DONE if state == LENGTH else CHUNK_END
+            elif state == CHUNK_END:
                 if size - pos < 2:
                     break
                 if buf[pos:pos + 2] != b"\r\n":
                     raise ProtocolError("chunk not followed by CRLF")
                 pos += 2
-                self._state = _CHUNK_SIZE
-            elif state == _TRAILER:
+                self._state = CHUNK_SIZE
+            elif state == TRAILER:
                 if buf.startswith(b"\r\n", pos):
                     pos += 2
                 else:
@@ -167,8 +179,8 @@ class Response:
                             raise ProtocolError("chunked trailer too long")
                         break
                     pos = end + 4
-                self._state = _DONE
-            elif state == _UNTIL_EOF:
+                self._state = DONE
+            elif state == UNTIL_EOF:
                 body.append(buf if not pos else buf[pos:])
                 self._buffered += size - pos
                 pos = size
@@ -177,14 +189,6 @@ class Response:
                 self.keep_alive = False
                 pos = size
         self._buf = buf[pos:] if pos < size else b""
-
-    @staticmethod
-    def _chunk_size(line: bytes) -> int:
-        """A size line with an extension, or one outside the grammar (which the fast path in _parse leaves here)."""
-        match = _CHUNK_LINE.fullmatch(line)
-        if match is None:
-            raise ProtocolError(f"invalid chunk size line {line[:40]!r}")
-        return int(match.group(1), 16)
 
     def _parse_head(self) -> bool:
         buf = self._buf
@@ -198,75 +202,13 @@ class Response:
         if end + 4 > self._max_head:
             raise ProtocolError(f"response head larger than {self._max_head} bytes")
         self._scanned = 0
-        head = buf[:end]
         self._buf = buf[end + 4:]
-        lines = head.split(b"\r\n")
-        if len(lines) > _MAX_HEADERS + 1:
-            raise ProtocolError(f"more than {_MAX_HEADERS} response headers")
-        if head.count(b"\n") != len(lines) - 1 or head.count(b"\r") != len(lines) - 1:
-            raise ProtocolError("a bare CR or LF in the response head")
-        version, _, rest = lines[0].partition(b" ")
-        code = rest[:3]
-        if version not in (b"HTTP/1.1", b"HTTP/1.0") or not code.isdigit() or len(code) != 3 or rest[3:4] not in (b"", b" "):
-            raise ProtocolError(f"not an HTTP/1.1 status line: {lines[0][:40]!r}")
-        status = int(code)
+        version, status, headers = parse_head(buf[:end])
         if status < 200:
-            if status == 101:
-                raise ProtocolError("the upstream switched protocols, which was not asked for")
             return True
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, colon, value = line.partition(b":")
-            if not colon or not name or name[-1:] in (b" ", b"\t") or name[:1] in (b" ", b"\t"):
-                raise ProtocolError(f"invalid header line {line[:40]!r}")
-            key = name.lower().decode("latin-1")
-            text = value.strip(b" \t").decode("latin-1")
-            headers[key] = f"{headers[key]}, {text}" if key in headers else text
         self.status, self.headers = status, headers
-        self._framing(version, status, headers)
+        self._state, self._remaining, self.keep_alive = body_framing(version, status, headers, self._limit)
         return True
-
-    def _framing(self, version: bytes, status: int, headers: dict[str, str]) -> None:
-        """How the body ends, and whether the connection outlives it (RFC 9112 6.3, 9.6)."""
-        connection = headers.get("connection")
-        self.keep_alive = version == b"HTTP/1.1" and (connection is None or connection == "keep-alive" or "close" not in {
-            token.strip(" \t").lower() for token in connection.split(",")})
-        coding = headers.get("content-encoding")
-        if coding is not None and coding.strip().lower() not in ("", "identity"):
-            raise ProtocolError(f"a Content-Encoding that was not asked for: {coding[:40]!r}")
-        codings = headers.get("transfer-encoding")
-        length = headers.get("content-length")
-        if codings is not None:
-            if length is not None:
-                raise ProtocolError("both Transfer-Encoding and Content-Length")
-            if codings != "chunked" and [c for c in (c.strip(" \t") for c in codings.lower().split(",")) if c] != ["chunked"]:
-                raise ProtocolError(f"a Transfer-Encoding that was not asked for: {codings[:40]!r}")
-            self._state = _CHUNK_SIZE
-        elif length is not None:
-            self._remaining = self._content_length(length)
-            self._state = _LENGTH if self._remaining > 0 else _DONE
-        elif status in (204, 304):
-            self._state = _DONE
-        else:
-            self._state = _UNTIL_EOF
-            self.keep_alive = False
-
-    def _content_length(self, value: str) -> int:
-        text = value
-        if not (text.isdigit() and text.isascii()):
-            # Repeated headers were joined with commas; equal repeats are allowed (RFC 9110 8.6).
-            values = {part.strip(" \t") for part in value.split(",")}
-            if len(values) != 1:
-                raise ProtocolError("conflicting Content-Length values")
-            text = values.pop()
-            if not (text.isdigit() and text.isascii()):
-                raise ProtocolError(f"invalid Content-Length {text[:40]!r}")
-        if len(text) > 19:
-            raise ProtocolError(f"invalid Content-Length {text[:40]!r}")
-        length = int(text)
-        if length > self._limit:
-            raise ProtocolError(f"a Content-Length of {length} is larger than the limit of {self._limit} bytes")
-        return length
 
     # Called by the reader.
 
@@ -289,7 +231,7 @@ class Response:
             self._fail(TimeoutError("no bytes from the upstream within the timeout"))
 
     async def head(self) -> None:
-        while self._state == _HEAD:
+        while self._state == HEAD:
             if self._error is not None:
                 raise self._error
             await self._wait()
@@ -305,7 +247,7 @@ class Response:
                     self._paused = False
                     self._conn.transport.resume_reading()  # type: ignore[union-attr]
                 return data
-            if self._state == _DONE:
+            if self._state == DONE:
                 return b""
             if self._error is not None:
                 raise self._error
@@ -320,7 +262,7 @@ class Response:
         if self._paused and self._error is None:
             self._paused = False
             self._conn.transport.resume_reading()  # type: ignore[union-attr]
-        while self._state != _DONE:
+        while self._state != DONE:
             if self._error is not None:
                 raise self._error
             await self._wait()
@@ -333,7 +275,7 @@ class Response:
         if self._released:
             return
         self._released = True
-        reuse = self._state == _DONE and self.keep_alive and self._error is None and not self._paused
+        reuse = self._state == DONE and self.keep_alive and self._error is None and not self._paused
         self._pool.put_back(self._conn, reuse)
 
 

@@ -201,6 +201,11 @@ def keep_alive_close(stream: bool) -> Iterator[Piece]:
     yield from _good_stream(extra) if stream else _whole(orjson.dumps(answer()), extra)
 
 
+def _error_answer(status: int, message: str) -> Iterator[Piece]:
+    body = orjson.dumps({"error": {"message": message, "type": "server_error", "param": None, "code": None}})
+    yield head(status, framing=f"Content-Length: {len(body)}") + body
+
+
 def echo_secret(status: int) -> Script:
     """An error that quotes the provider's key back, as some upstreams do with a key they refuse."""
     def script(stream: bool) -> Iterator[Piece]:
@@ -262,6 +267,7 @@ SCRIPTS: dict[str, Script] = {
     "keep-alive-close": keep_alive_close,
     "secret-401": echo_secret(401),
     "secret-400": echo_secret(400),
+    "long-error": lambda stream: _error_answer(500, "e" * 100_000),
     "claude-bad-usage": anthropic_wrong_types("usage"),
     "claude-bad-content": anthropic_wrong_types("content"),
     "claude-bad-delta": anthropic_wrong_types("delta"),

@@ -73,6 +73,7 @@ def _policy() -> str:
         "  good: {{targets: [{{provider: raw, model: good}}]}}",
         "  keep-alive-close: {{targets: [{{provider: raw, model: keep-alive-close}}]}}",
         "  secret-400: {{targets: [{{provider: raw, model: secret-400}}]}}",
+        "  long-error: {{targets: [{{provider: raw, model: long-error}}]}}",
         "  azure-secret: {{targets: [{{provider: raw-azure, model: secret-401}}]}}",
         "  claude-secret: {{targets: [{{provider: raw-claude, model: secret-401}}]}}",
         "  huge: {{targets: [{{provider: raw, model: huge}}], timeout: {{first_byte_ms: 5000, total_ms: 60000}}}}",
@@ -279,3 +280,8 @@ async def test_the_provider_key_reaches_neither_the_client_nor_the_log(gateway: 
     assert status == 400 and SECRET_KEY not in body.decode() and "Incorrect API key provided" in error["message"]
     await asyncio.sleep(0.2)
     assert SECRET_KEY not in gateway.log_path.read_text(errors="replace")
+
+
+async def test_an_upstream_error_message_reaches_the_client_shortened(gateway: Served) -> None:
+    status, body = await _post(gateway, "long-error", False)
+    assert status == 502 and 100 < len(_error(orjson.loads(body))["message"]) < 1000
