@@ -87,6 +87,16 @@ def _tool_choice(choice: object, parallel: object) -> dict | None:
 
 
 def to_messages_request(body: dict, model: str, default_max_tokens: int) -> dict:
+    """The Messages API request for a chat request; TranslationError (a 400) for what it cannot express, or for
+    fields the client sent in shapes chat completions does not have."""
+    try:
+        return _messages_request(body, model, default_max_tokens)
+    except (KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise TranslationError(f"the request cannot be sent to an Anthropic model: a field has an unexpected shape "
+                               f"({type(exc).__name__})") from None
+
+
+def _messages_request(body: dict, model: str, default_max_tokens: int) -> dict:
     system: list[str] = []
     messages: list[dict] = []
     for message in body.get("messages") or []:
