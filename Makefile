@@ -5,7 +5,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.lockgate-installed
 POLICY ?= policies.example.yaml
 
-.PHONY: serve test bench bench-features lint install redis model
+.PHONY: serve test bench bench-features compat lint install redis model
 
 serve: install model
 	$(VENV)/bin/lockgate serve $(POLICY)
@@ -18,6 +18,13 @@ bench: install
 
 bench-features: install
 	$(PY) -m benchmarks.features
+
+# The Vercel AI SDK (Node) against a real gateway; Debian's nodejs (18) is enough when node is missing.
+compat: $(STAMP)
+	@command -v npm >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null; }
+	cd benchmarks/compat && npm ci --prefer-offline --no-audit --no-fund --loglevel=error
+	$(PY) -m benchmarks.compat.run
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -176,6 +176,11 @@ def _messages(body: dict) -> list[dict]:
             messages.append(_function_output(item, param))
         elif kind == "reasoning":
             continue
+        elif kind == "item_reference":
+            # The Vercel AI SDK sends earlier answers back as references unless told `store: false`.
+            raise _unsupported(f"{param}.type", "Input items of type 'item_reference' cannot be resolved: this gateway "
+                                                "stores no responses. Send the item itself (SDKs that refer to earlier "
+                                                "output by id send it whole with 'store: false').")
         else:
             raise _unsupported(f"{param}.type", f"Input item type {kind!r} is not supported on this route.")
     return messages
