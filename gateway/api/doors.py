@@ -6,6 +6,7 @@ The governance pipeline (gateway/proxy.py) runs the same for every door; it only
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -70,21 +71,14 @@ class Door:
         return err.response()
 
 
-class _ResponsesEncoder:
-    def __init__(self, request: responses_wire.ResponsesRequest) -> None:
-        self._stream = ResponsesStream(request)
+@dataclass(frozen=True, slots=True)
+class _Translator:
+    """A door's stream translator (ResponsesStream, MessagesStream) seen as a StreamEncoder."""
 
-    def start(self) -> list[bytes]:
-        return self._stream.start()
-
-    def feed(self, chunk: dict) -> list[bytes]:
-        return self._stream.feed(chunk)
-
-    def finish(self) -> list[bytes]:
-        return self._stream.finish()
-
-    def error(self, err: GatewayError) -> list[bytes]:
-        return self._stream.error(err.message, err.code or err.type, err.type)
+    start: Callable[[], list[bytes]]
+    feed: Callable[[dict], list[bytes]]
+    finish: Callable[[], list[bytes]]
+    error: Callable[[GatewayError], list[bytes]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,24 +95,9 @@ class ResponsesDoor(Door):
 
     def encoder(self, state: object, prompt_tokens: int) -> StreamEncoder | None:
         assert isinstance(state, responses_wire.ResponsesRequest)
-        return _ResponsesEncoder(state)
-
-
-class _MessagesEncoder:
-    def __init__(self, request: messages_wire.MessagesRequest, prompt_tokens: int) -> None:
-        self._stream = MessagesStream(request, input_tokens=prompt_tokens)
-
-    def start(self) -> list[bytes]:
-        return self._stream.start()
-
-    def feed(self, chunk: dict) -> list[bytes]:
-        return self._stream.feed(chunk)
-
-    def finish(self) -> list[bytes]:
-        return self._stream.finish()
-
-    def error(self, err: GatewayError) -> list[bytes]:
-        return self._stream.error(err.status, err.message)
+        stream = ResponsesStream(state)
+        return _Translator(stream.start, stream.feed, stream.finish,
+                           lambda err: stream.error(err.message, err.code or err.type, err.type))
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +121,8 @@ class MessagesDoor(Door):
 
     def encoder(self, state: object, prompt_tokens: int) -> StreamEncoder | None:
         assert isinstance(state, messages_wire.MessagesRequest)
-        return _MessagesEncoder(state, prompt_tokens)
+        stream = MessagesStream(state, input_tokens=prompt_tokens)
+        return _Translator(stream.start, stream.feed, stream.finish, lambda err: stream.error(err.status, err.message))
 
     def error_response(self, err: GatewayError) -> web.Response:
         return messages_wire.error_response(err)
