@@ -102,6 +102,10 @@ class GatewayRequestHandler(RequestHandler):
 
     async def _handle_request(self, request: Any, start_time: Any, request_handler: Any) -> Any:
         self._cancel_head_timer()
+        expect = request.headers.get("Expect")
+        if expect is not None and expect.lower() != "100-continue":
+            # aiohttp refuses these before any middleware, in plain text (and with a 500 for non-ASCII values).
+            request_handler = _refuse_expectation
         return await super()._handle_request(request, start_time, request_handler)
 
     def pause_writing(self) -> None:
@@ -159,6 +163,14 @@ class GatewayRequestHandler(RequestHandler):
         response = web.Response(status=status, body=body, content_type="application/json")
         response.force_close()
         return response
+
+
+async def _refuse_expectation(request: web.BaseRequest) -> web.StreamResponse:
+    REFUSED.labels("bad_expect").inc()
+    response = web.Response(status=417, content_type="application/json", body=error_body(
+        417, "The only Expect value served is 100-continue.", "expectation_failed"))
+    response.force_close()
+    return response
 
 
 class GatewayServer(web.Server):

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import ALICE_KEY, BOB_KEY, policy_text
 from tests.fakes.tolerant_upstream import TolerantUpstream
-from tests.gateway.fuzz_client import exchange, is_openai_error, request, table_rows
+from tests.gateway.fuzz_client import Answer, exchange, is_openai_error, request, table_rows
 from tests.served import Served, start_gateway
 
 POLICY = """
@@ -75,12 +75,18 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzzed]:
     upstream.stop()
 
 
-def _check(fuzzed: Fuzzed, raw: bytes) -> None:
+def _send(fuzzed: Fuzzed, raw: bytes) -> Answer | None:
+    """One exchange; every answer from the pipeline (it carries x-request-id) is one row to find at the end."""
     answer = exchange(fuzzed.served.port, raw)
+    if answer is not None and "x-request-id" in answer.headers:
+        fuzzed.pipeline_requests += 1
+    return answer
+
+
+def _check(fuzzed: Fuzzed, raw: bytes) -> None:
+    answer = _send(fuzzed, raw)
     assert fuzzed.served.process.poll() is None, "the gateway died"
     assert answer is not None, f"no answer to {raw[:300]!r}"
-    if "x-request-id" in answer.headers:
-        fuzzed.pipeline_requests += 1
     assert answer.status < 500, f"{answer.status} {answer.body[:500]!r} for {raw[:500]!r}"
     if answer.status >= 400 and not raw.startswith(b"HEAD "):
         assert is_openai_error(answer.body), f"{answer.status} {answer.body[:300]!r} for {raw[:300]!r}"
@@ -179,6 +185,8 @@ def test_generated_requests_never_give_a_5xx(fuzzed: Fuzzed, method: bytes, path
 
 @pytest.mark.parametrize("raw", [
     b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    b"GET /v1/chat/completions HTTP/1.1\r\nExpect: \x80\r\nConnection: close\r\n\r\n",
+    b"POST /v1/chat/completions HTTP/1.1\r\nExpect: !\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
     b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
     b"POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
     b"POST /v1/chat/completions HTTP/1.1\r\nX-Big: " + b"a" * 9000 + b"\r\nConnection: close\r\n\r\n",
@@ -188,7 +196,7 @@ def test_generated_requests_never_give_a_5xx(fuzzed: Fuzzed, method: bytes, path
     + b"\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
 ])
 def test_requests_the_http_parser_refuses_get_openai_errors(fuzzed: Fuzzed, raw: bytes) -> None:
-    answer = exchange(fuzzed.served.port, raw)
+    answer = _send(fuzzed, raw)
     assert answer is not None and 400 <= answer.status < 500
     assert is_openai_error(answer.body)
 
@@ -196,10 +204,9 @@ def test_requests_the_http_parser_refuses_get_openai_errors(fuzzed: Fuzzed, raw:
 def test_the_gateway_still_serves_and_every_pipeline_request_is_one_row(fuzzed: Fuzzed) -> None:
     """Runs after the generated requests (pytest keeps the file's order)."""
     body = orjson.dumps({"model": "chat-plain", "messages": [{"role": "user", "content": "hi"}]})
-    answer = exchange(fuzzed.served.port, request(b"POST", b"/v1/chat/completions", [
+    answer = _send(fuzzed, request(b"POST", b"/v1/chat/completions", [
         (b"Authorization", b"Bearer " + ALICE_KEY.encode()), (b"Content-Type", b"application/json")], body))
     assert answer is not None and answer.status == 200, answer
-    fuzzed.pipeline_requests += 1
     assert exchange(fuzzed.served.port, request(b"GET", b"/healthz", [], b"")).status == 200  # type: ignore[union-attr]
     served = fuzzed.served
     served.process.send_signal(signal.SIGTERM)
