@@ -88,4 +88,5 @@ def table_rows(folder: Path) -> list[str]:
     """Every row of a chdb folder's inference table as a JSON line, read in a process of its own (chdb opens one
     folder per process, for that process's life)."""
     out = subprocess.run([sys.executable, "-c", _DUMP, str(folder)], capture_output=True, check=True, timeout=120)
-    return out.stdout.decode().splitlines()
+    # Split on newlines only: str.splitlines() also splits on the Unicode line separators a row's text may hold.
+    return [line for line in out.stdout.decode().split("\n") if line]
