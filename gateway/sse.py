@@ -26,7 +26,7 @@ class InvalidEvent(ValueError):
 
 
 def _parse_block(block: bytes) -> tuple[str, bytes] | None:
-    if block.startswith(b"data: ") and b"\n" not in block:
+    if block.startswith(b"data: ") and block.find(b"\n") < 0:
         return "", block[6:]
     name = ""
     data: list[bytes] = []
@@ -75,7 +75,7 @@ class EventReader:
                 continue
             # A blank line is LF, an optional CR, LF; two bytes of what came before are enough to see one across reads.
             window = self._partial[-1][-2:] + data[:2]
-            if b"\n\n" in window or b"\n\r\n" in window or b"\n\n" in data or b"\n\r\n" in data:
+            if window.find(b"\n\n") >= 0 or window.find(b"\n\r\n") >= 0 or data.find(b"\n\n") >= 0 or data.find(b"\n\r\n") >= 0:
                 rest = b"".join(self._partial) + data
                 self._partial.clear()
                 self._partial_bytes = 0
@@ -100,7 +100,7 @@ class EventReader:
             raise InvalidEvent(f"an event larger than the limit of {self._max} bytes")
 
     def _split(self, buffer: bytes) -> None:
-        if b"\r" in buffer:
+        if buffer.find(b"\r") >= 0:
             buffer = buffer.replace(b"\r\n", b"\n")
         blocks = buffer.split(b"\n\n")
         rest = blocks.pop()

@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from guardrails.hidden_packages import hidden_packages
 
 # tldextract (the e-mail recognizer's validator) fetches the public-suffix list online on first use
 # unless this is empty; the snapshot bundled with it is used instead. It must be set before import.
@@ -25,6 +28,11 @@ DEFAULT_PHONE_REGIONS = ("US", "GB", "FR", "IN")
 # scores it 0.4 expecting a spaCy context engine to lift it near words such as "call"; the no-op engine
 # has no tokens to do that, so a valid number would never pass a 0.5 threshold.
 PHONE_SCORE = 0.6
+# Presidio's NLP-engine package probes for these at import (with them installed for vLLM: seconds and ~300 MB,
+# torch through spaCy's thinc too); pattern recognizers on the no-op engine use neither. Imported while they
+# look absent, Presidio's transformers engine and thinc's PyTorch layers stay off in this process; spaCy's
+# CNN pipelines (the NER model) do not need them.
+NLP_MODEL_PACKAGES = ("torch", "transformers")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +63,8 @@ def anonymizer() -> AnonymizerEngine:
     if not _anonymizer:
         with _lock:
             if not _anonymizer:
-                from presidio_anonymizer import AnonymizerEngine
+                with _presidio_import(ner=False):
+                    from presidio_anonymizer import AnonymizerEngine
 
                 _anonymizer.append(AnonymizerEngine())
     return _anonymizer[0]
@@ -65,9 +74,15 @@ def supported_entities(key: EngineKey) -> frozenset[str]:
     return frozenset(analyzer_for(key).get_supported_entities(language=key.language))
 
 
+def _presidio_import(ner: bool) -> AbstractContextManager[None]:
+    """Where Presidio is first imported: without the NLP model packages unless a spaCy NER engine is wanted."""
+    return nullcontext() if ner else hidden_packages(NLP_MODEL_PACKAGES)
+
+
 def _build_analyzer(key: EngineKey) -> AnalyzerEngine:
-    from presidio_analyzer import AnalyzerEngine
-    from presidio_analyzer.predefined_recognizers import PhoneRecognizer
+    with _presidio_import(key.ner):
+        from presidio_analyzer import AnalyzerEngine
+        from presidio_analyzer.predefined_recognizers import PhoneRecognizer
 
     class ValidatedPhoneRecognizer(PhoneRecognizer):
         SCORE = PHONE_SCORE

@@ -79,6 +79,16 @@ def _nothing_buffered() -> bool:
     return False
 
 
+class LastEvent:
+    """The data of the event the latest chunk was parsed from. A relay that changes nothing sends these bytes on
+    instead of serializing the chunk again: a 20-chunk stream saves twenty encodings."""
+
+    __slots__ = ("data",)
+
+    def __init__(self) -> None:
+        self.data: bytes | None = None
+
+
 class ChunkStream:
     """An opened stream: the upstream accepted the request; iterate for chunk dicts, always aclose()."""
 
@@ -87,12 +97,14 @@ class ChunkStream:
         chunks: AsyncIterator[dict],
         on_close: Callable[[], Awaitable[None] | None],
         buffered: Callable[[], bool] | None = None,
+        last_event: LastEvent | None = None,
     ) -> None:
         self._chunks = chunks
         self._on_close = on_close
         # True when the next chunk has already arrived, so a relay may hold its write and send both at once.
         # An attribute rather than a method: the relay asks once per chunk.
         self.buffered: Callable[[], bool] = buffered or _nothing_buffered
+        self.last_event = last_event
 
     def __aiter__(self) -> AsyncIterator[dict]:
         return self._chunks

@@ -11,7 +11,6 @@ import re
 
 HEAD, LENGTH, CHUNK_SIZE, CHUNK_DATA, CHUNK_END, TRAILER, UNTIL_EOF, DONE = range(8)
 MAX_HEADERS = 128
-HEXDIGITS = b"0123456789abcdefABCDEF"
 # RFC 9112 7.1: chunk-size [ chunk-ext ]; sixteen digits already exceed any limit, so more are never needed.
 _CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*;[^\r\n]*")
 _BLANKS = (b" ", b"\t")

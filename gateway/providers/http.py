@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import aiohttp
 import orjson
 
-from gateway.providers.base import FailureKind, UpstreamError, check_chunk
+from gateway.providers.base import FailureKind, LastEvent, UpstreamError, check_chunk
 from gateway.providers.h11client import MAX_HEAD_BYTES, MAX_RESPONSE_BYTES, ConnectError, HttpClient, ProtocolError, Response
 from gateway.sse import MAX_EVENT_BYTES, EventReader, InvalidEvent
 
@@ -165,8 +165,9 @@ class HttpTransport:
             return self.failure("invalid", f"the stream broke its framing: {exc}")
         return self.failure("reset", "connection lost mid-stream")
 
-    async def openai_chunks(self, response: Response, reader: EventReader) -> AsyncIterator[dict]:
-        """The chunks of an OpenAI-style stream up to `[DONE]`; one generator, since every hop costs per chunk."""
+    async def openai_chunks(self, response: Response, reader: EventReader, last: LastEvent) -> AsyncIterator[dict]:
+        """The chunks of an OpenAI-style stream up to `[DONE]`; one generator, since every hop costs per chunk.
+        `last` holds the data of the chunk yielded last."""
         provider = self.provider
         try:
             async for _, data in reader:
@@ -187,6 +188,7 @@ class HttpTransport:
                         and choice["index"] >= 0 and choice.get("finish_reason") is None
                         and choice.get("logprobs") is None):
                     check_chunk(chunk, provider)
+                last.data = data
                 yield chunk
             raise self.failure("reset", "the stream ended without [DONE]")
         except (TimeoutError, ConnectionError, ProtocolError, InvalidEvent) as exc:

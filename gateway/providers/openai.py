@@ -5,7 +5,7 @@ from __future__ import annotations
 import aiohttp
 import orjson
 
-from gateway.providers.base import ChunkStream, Completion, Op, Provider, answer_usage
+from gateway.providers.base import ChunkStream, Completion, LastEvent, Op, Provider, answer_usage
 from gateway.providers.http import DEFAULT_LIMITS, HttpLimits, HttpTransport, credentials
 
 _PATHS: dict[str, str] = {"chat": "chat/completions", "completions": "completions", "embeddings": "embeddings"}
@@ -53,7 +53,9 @@ class OpenAIProvider(Provider):
             response.release()
             raise self.transport.failure("invalid", "upstream did not answer with an event stream")
         reader = self.transport.event_reader(response)
-        return ChunkStream(self.transport.openai_chunks(response, reader), response.release, reader.has_buffered)
+        last = LastEvent()
+        return ChunkStream(self.transport.openai_chunks(response, reader, last), response.release, reader.has_buffered,
+                           last)
 
 
 class AzureOpenAIProvider(OpenAIProvider):
