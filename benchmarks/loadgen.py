@@ -56,6 +56,22 @@ def chat_body(model: str, stream: bool, prompt: str = "Say hello in one short se
     return orjson.dumps(body)
 
 
+def responses_body(model: str, stream: bool, prompt: str = "Say hello in one short sentence.", max_tokens: int = 32) -> bytes:
+    """The same question as chat_body, asked through OpenAI's Responses API."""
+    body: dict[str, object] = {"model": model, "input": prompt, "max_output_tokens": max_tokens}
+    if stream:
+        body["stream"] = True
+    return orjson.dumps(body)
+
+
+def messages_body(model: str, stream: bool, prompt: str = "Say hello in one short sentence.", max_tokens: int = 32) -> bytes:
+    """The same question as chat_body, asked through Anthropic's Messages API."""
+    body: dict[str, object] = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens}
+    if stream:
+        body["stream"] = True
+    return orjson.dumps(body)
+
+
 def percentiles(samples: list[float]) -> dict[str, float]:
     """p50/p90/p99/max/mean of seconds, in milliseconds."""
     if not samples:

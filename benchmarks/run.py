@@ -3,7 +3,9 @@
 Starts the mock upstream and one gateway worker in their own processes, then drives each scenario twice, once
 straight at the mock (direct) and once through the gateway, each time from a fresh load-generator process:
 latency at 1 connection, throughput at 32 connections, non-streamed and streamed. The gateway's CPU time per
-request comes from /proc/<pid>/stat (utime + stime of the gateway and its children) around each phase.
+request comes from /proc/<pid>/stat (utime + stime of the gateway and its children) around each phase. The
+Responses and Anthropic Messages doors then ask the same question through the same route, and their CPU per
+request is set against chat completions' of the same round.
 Prints a table and writes the figures as JSON (default var/bench/latest.json).
 """
 
@@ -27,12 +29,16 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-from benchmarks.loadgen import LoadSpec, chat_body, run_load_subprocess
+from benchmarks.loadgen import LoadSpec, chat_body, messages_body, responses_body, run_load_subprocess
 from policies.keys import hash_key
 
 ROUTE = "bench-chat"
 PACED_ROUTE = "bench-chat-paced"
-TARGETS = {"added_p50_ms_at_1": 1.0, "cpu_ms_per_request_plain": 0.4, "cpu_ms_per_request_stream": 0.6}
+TARGETS = {"added_p50_ms_at_1": 1.0, "cpu_ms_per_request_plain": 0.4, "cpu_ms_per_request_stream": 0.6,
+           "door_cpu_ratio_to_chat": 1.3}
+# The other front doors, asked the same question through the same route: (label, path, body, extra headers).
+DOORS = (("Responses API", "/v1/responses", responses_body, {}),
+         ("Anthropic Messages API", "/v1/messages", messages_body, {"anthropic-version": "2023-06-01"}))
 _TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
 
@@ -178,6 +184,12 @@ def run_round(chunks: int, chunk_gap_ms: float, duration_s: float, warmup_s: flo
                     phases[name] = _check(name, run_phase(spec, gateway_pid, mock_pid))
         paced = LoadSpec(gateway_url, chat_body(PACED_ROUTE, True), gateway_auth, connections, duration_s, None, warmup_s)
         phases[f"paced/c{connections}/gateway"] = _check("paced", run_phase(paced, gateway_pid, mock_pid))
+        for _, path, door_body, door_headers in DOORS:
+            for stream in (False, True):
+                spec = LoadSpec(f"http://127.0.0.1:{gateway_port}{path}", door_body(ROUTE, stream),
+                                {**gateway_auth, **door_headers}, connections, duration_s, None, warmup_s)
+                name = f"{path}/{'stream' if stream else 'plain'}/c{connections}"
+                phases[name] = _check(name, run_phase(spec, gateway_pid, mock_pid))
     return phases
 
 
@@ -204,6 +216,14 @@ def summarize(rounds: list[dict[str, dict]], connections: int) -> dict[str, dict
         paced = phases[f"paced/c{connections}/gateway"]
         add(f"paced.rps_at_{connections}.gateway", paced["rps"])
         add(f"paced.gateway_cpu_ms_per_request_at_{connections}", paced["gateway_cpu_ms_per_request"])
+        for _, path, _, _ in DOORS:
+            for kind in ("plain", "stream"):
+                cpu = phases[f"{path}/{kind}/c{connections}"]["gateway_cpu_ms_per_request"]
+                add(f"{path}.{kind}.gateway_cpu_ms_per_request_at_{connections}", cpu)
+                # A ratio per round: both phases ran on the same gateway, minutes apart at most.
+                add(f"{path}.{kind}.cpu_ratio_to_chat",
+                    cpu / phases[f"{kind}/c{connections}/gateway"]["gateway_cpu_ms_per_request"])
+                add(f"{path}.{kind}.rps_at_{connections}", phases[f"{path}/{kind}/c{connections}"]["rps"])
     return {name: {"median": statistics.median(values), "min": min(values), "max": max(values)}
             for name, values in figures.items()}
 
@@ -252,6 +272,17 @@ def table(summary: dict[str, dict[str, float]], connections: int, chunks: int, c
          _cell(summary, f"paced.gateway_cpu_ms_per_request_at_{connections}", 3),
          _verdict(paced_cpu, TARGETS["cpu_ms_per_request_stream"])),
     ]
+    for label, path, _, _ in DOORS:
+        for kind, what in (("plain", "non-streamed"), ("stream", f"streamed, {chunks} chunks")):
+            ratio = summary[f"{path}.{kind}.cpu_ratio_to_chat"]["median"]
+            rows += [
+                (f"{label} ({path}), {what}, same route", "", "", ""),
+                (f"  requests/s @{connections} conns", "", _cell(summary, f"{path}.{kind}.rps_at_{connections}", 0), ""),
+                (f"  gateway CPU ms/request @{connections} conns", "",
+                 _cell(summary, f"{path}.{kind}.gateway_cpu_ms_per_request_at_{connections}", 3), ""),
+                ("  CPU per request / chat completions'", "", _cell(summary, f"{path}.{kind}.cpu_ratio_to_chat", 2),
+                 _verdict(ratio, TARGETS["door_cpu_ratio_to_chat"])),
+            ]
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     return "\n".join("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows)
 

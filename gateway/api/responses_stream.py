@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import time
 
+import orjson
+
 from gateway.api.responses_wire import (
     ResponsesRequest,
     function_call_item,
@@ -24,6 +26,10 @@ from gateway.api.wire import call_function, first_choice, random_id, reasoning_o
 
 _DELTA = {"message": "response.output_text.delta", "reasoning": "response.reasoning_text.delta"}
 _DONE = {"message": "response.output_text.done", "reasoning": "response.reasoning_text.done"}
+# A text delta is nearly every event of a stream: it is written from bytes made when its item opens, in the key
+# order the dict form would have, instead of building and serializing a dict per event.
+_TEXT_DELTA_HEAD = b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number":'
+_TEXT_DELTA_TAIL = b',"logprobs":[]}\n\n'
 
 
 class ResponsesStream:
@@ -44,6 +50,7 @@ class ResponsesStream:
         self._arguments: dict[int, list[str]] = {}
         self._usage: object = None
         self._finish_reason: object = None
+        self._text_delta_fields = b""
 
     def _event(self, name: str, **fields: object) -> bytes:
         data = {"type": name, "sequence_number": self._sequence, **fields}
@@ -67,10 +74,13 @@ class ResponsesStream:
         choice = first_choice(chunk)
         delta = choice.get("delta")
         if type(delta) is dict:
-            self._text("reasoning", reasoning_of(delta), out)
-            self._text("message", text_of(delta.get("content")), out)
-            for index, call in tool_call_deltas(delta):
-                self._call(index, call, out)
+            if len(delta) == 1 and "content" in delta:
+                self._text("message", text_of(delta["content"]), out)
+            else:
+                self._text("reasoning", reasoning_of(delta), out)
+                self._text("message", text_of(delta.get("content")), out)
+                for index, call in tool_call_deltas(delta):
+                    self._call(index, call, out)
         if choice.get("finish_reason") is not None:
             self._finish_reason = choice["finish_reason"]
         return out
@@ -85,6 +95,8 @@ class ResponsesStream:
         self._items.append(item)
         self._texts[index] = []
         self._open_text = index
+        self._text_delta_fields = b',"item_id":"%s","output_index":%d,"content_index":0,"delta":' % (
+            item_id.encode(), index)
         out.append(self._event("response.output_item.added", output_index=index, item=item))
         out.append(self._event("response.content_part.added", item_id=item_id, output_index=index, content_index=0,
                                part=part))
@@ -99,9 +111,13 @@ class ResponsesStream:
                 self._close_text("completed", out)
             index = self._open(kind, out)
         self._texts[index].append(piece)
-        extra = {"logprobs": []} if kind == "message" else {}
+        if kind == "message":
+            out.append(_TEXT_DELTA_HEAD + b"%d" % self._sequence + self._text_delta_fields + orjson.dumps(piece)
+                       + _TEXT_DELTA_TAIL)
+            self._sequence += 1
+            return
         out.append(self._event(_DELTA[kind], item_id=self._items[index]["id"], output_index=index, content_index=0,
-                               delta=piece, **extra))
+                               delta=piece))
 
     def _close_text(self, status: str, out: list[bytes]) -> None:
         index = self._open_text

@@ -216,6 +216,11 @@ def check_chunk(chunk: dict, provider: str) -> None:
         Usage.from_openai(usage, provider)
 
 
+# The keys of a plain chat answer's choice and message; `annotations` is not read by the gateway.
+_PLAIN_CHOICE = frozenset({"index", "message", "finish_reason", "logprobs"})
+_PLAIN_MESSAGE = frozenset({"role", "content", "refusal", "annotations"})
+
+
 def answer_usage(data: dict, op: Op, provider: str) -> Usage | None:
     """The usage of a whole answer, once its shape is known to be what `op` promises; else UpstreamError("invalid")."""
     if op == "embeddings":
@@ -225,6 +230,14 @@ def answer_usage(data: dict, op: Op, provider: str) -> Usage | None:
         ) else "data is not a list of embeddings"
     else:
         choices = data.get("choices")
+        # Nearly every chat answer is one choice holding a role and a text: a few lookups prove it well-formed.
+        if (op == "chat" and type(choices) is list and len(choices) == 1 and type(choice := choices[0]) is dict
+                and _PLAIN_CHOICE.issuperset(choice) and type(message := choice.get("message")) is dict
+                and _PLAIN_MESSAGE.issuperset(message) and type(message.get("content")) is str
+                and type(message.get("role")) is str and message.get("refusal") is None
+                and type(index := choice.get("index")) is int and index >= 0
+                and type(choice.get("finish_reason")) is str and choice.get("logprobs") is None):
+            return Usage.from_openai(data.get("usage"), provider)
         problem = _choices_problem(choices)
         if problem is None and op == "chat" and not all(type(choice.get("message")) is dict for choice in choices):
             problem = "a choice has no message"

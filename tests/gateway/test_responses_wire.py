@@ -377,3 +377,23 @@ def test_a_call_without_an_id_gets_one_that_stays_the_same_and_an_empty_answer_i
     assert (item["type"], item["status"], item["content"]) == (unstreamed["type"], unstreamed["status"],
                                                                unstreamed["content"])
     assert item["content"] == [{"type": "output_text", "text": "", "annotations": [], "logprobs": []}]
+
+
+def test_text_deltas_written_from_prebuilt_bytes_are_the_documented_events() -> None:
+    translated = translate_request({"model": "m", "input": "hi", "stream": True})
+    stream = ResponsesStream(translated)
+    stream.start()
+    pieces = ["Hel", 'lo "quoted" \\ \n', "\u00e9\u4e16\U0001f600", ""]
+    events = []
+    for number, piece in enumerate(pieces):
+        delta = {"role": "assistant", "content": piece} if number == 0 else {"content": piece}
+        events += stream.feed({"choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]})
+    parsed = [(block.split(b"\n")[0], orjson.loads(block.split(b"\ndata: ", 1)[1])) for block in events]
+    deltas = [data for name, data in parsed if name == b"event: response.output_text.delta"]
+    item_id = next(data["item"]["id"] for name, data in parsed if data["type"] == "response.output_item.added")
+    first = deltas[0]["sequence_number"]
+    assert deltas == [{"type": "response.output_text.delta", "sequence_number": first + number, "item_id": item_id,
+                       "output_index": 0, "content_index": 0, "delta": piece, "logprobs": []}
+                      for number, piece in enumerate(pieces[:3])]
+    assert [list(data) for data in deltas] == [["type", "sequence_number", "item_id", "output_index", "content_index",
+                                                "delta", "logprobs"]] * 3
