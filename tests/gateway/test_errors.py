@@ -70,6 +70,24 @@ async def test_malformed_json_is_400(server) -> None:
     assert status == 400
 
 
+@pytest.mark.parametrize("depth", [64, 65, 300])
+async def test_bodies_nested_past_the_depth_limit_are_400_and_those_at_it_are_served(server, depth: int) -> None:
+    # The body is the first level; the rest nest in a field the gateway passes on.
+    nested = b'{"a":' * (depth - 1) + b"1" + b"}" * (depth - 1)
+    body = b'{"model":"chat-default","messages":[{"role":"user","content":"hi"}],"metadata":' + nested + b"}"
+    status, payload = await _raw(server, body)
+    if depth <= 64:
+        assert status == 200, payload
+    else:
+        assert status == 400 and "nested deeper than 64 levels" in _assert_shape(payload)["message"]
+
+
+async def test_brackets_inside_strings_do_not_count_as_nesting(server) -> None:
+    body = b'{"model":"chat-default","messages":[{"role":"user","content":"' + b"[{" * 500 + b'"}]}'
+    status, payload = await _raw(server, body)
+    assert status == 200, payload
+
+
 async def test_body_over_the_limit_is_413(server) -> None:
     big = [{"role": "user", "content": "x" * 4096}]
     with pytest.raises(openai.APIStatusError) as info:
