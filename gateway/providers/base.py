@@ -56,10 +56,12 @@ class Usage:
             raise UpstreamError("invalid", f"{provider}: usage is not an object ({type(usage).__name__})")
         details = usage.get("prompt_tokens_details")
         prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        # The usual usage, two counts and no cache details, is read without a call per field.
-        if (details is None and type(prompt) is int and prompt >= 0 and type(completion) is int
-                and completion >= 0):
-            return cls(prompt, completion, 0)
+        # The usual usage, two counts and perhaps a cached count, is read without a call per field.
+        if type(prompt) is int and prompt >= 0 and type(completion) is int and completion >= 0:
+            if details is None:
+                return cls(prompt, completion, 0)
+            if type(details) is dict and type(cached := details.get("cached_tokens")) is int and cached >= 0:
+                return cls(prompt, completion, cached)
         if details is not None and type(details) is not dict:
             raise UpstreamError("invalid", f"{provider}: usage.prompt_tokens_details is not an object")
         return cls(_count(usage, "prompt_tokens", provider), _count(usage, "completion_tokens", provider),
