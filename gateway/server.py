@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import multiprocessing
 import os
@@ -55,6 +56,10 @@ async def _serve_worker(options: ServeOptions, reuse_port: bool) -> None:
     await runner.setup()
     site = web.TCPSite(runner, options.host, options.port, reuse_port=reuse_port or None, backlog=2048)
     await site.start()
+    # What the start built (modules, policy, engines' handles) lives as long as the process: frozen, it is no longer
+    # walked by every full collection, which cost ~5% of a request's CPU under load.
+    gc.collect()
+    gc.freeze()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     holder = app[GATEWAY].holder
