@@ -126,6 +126,20 @@ class EmbeddedProviderConfig(Strict):
     engine: dict[str, object] = {}
     load: Literal["eager", "lazy"] = "eager"
     served_model_name: str | None = None
+    tool_parser: str | None = Field(
+        None, min_length=1,
+        description="the vLLM tool parser (vLLM's `--tool-call-parser` names, e.g. hermes, pythonic) that finds the "
+                    "calls this model writes; tool_choice 'auto' needs one. None (the default): 'auto' is a 400, while "
+                    "'required' and named functions work with any model, held to the function's JSON schema")
+    tool_strict_level: Literal["parameter", "function", "auto"] = Field(
+        "parameter",
+        description="how tightly a tool_parser's call syntax holds the model: parameter (the default) holds each "
+                    "call's arguments to its function's JSON schema, function only the call's envelope, auto is "
+                    "vLLM's own default (arguments held only for tools marked `strict`)")
+    chat_template: str | None = Field(
+        None, min_length=1,
+        description="a Jinja chat template file to use instead of the model folder's, e.g. one that shows the model "
+                    "its tools")
 
 
 ProviderConfig = Annotated[

@@ -28,7 +28,8 @@ def parse_embedding_inputs(body: dict[str, Any]) -> list[str | list[int]]:
     if body.get("encoding_format", "float") not in ("float", "base64"):
         raise InvalidRequestError("'encoding_format' must be 'float' or 'base64'", "encoding_format")
     if body.get("dimensions") is not None:
-        raise InvalidRequestError("'dimensions' is not supported by the embedded model runtime", "dimensions")
+        raise InvalidRequestError("'dimensions' is not supported by the embedded model runtime", "dimensions",
+                                  "unsupported_parameter")
     return value
 
 

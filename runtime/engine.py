@@ -18,19 +18,14 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from runtime.answers import Answer, ResponseShape
 from runtime.embeddings import embedding_response, parse_embedding_inputs
 from runtime.engine_args import build_engine_args, prepare_environment
-from runtime.errors import EngineUnavailableError, InvalidRequestError, RuntimeFailure
+from runtime.errors import EngineUnavailableError, InvalidRequestError, RuntimeFailure, client_error
+from runtime.logprobs import Logprobs
 from runtime.models import resolve_model
-from runtime.openai_io import (
-    ResponseShape,
-    Sampling,
-    finish_reason,
-    parse_chat_messages,
-    parse_completion_prompt,
-    parse_sampling,
-    usage,
-)
+from runtime.openai_io import Sampling, parse_chat_messages, parse_completion_prompt, parse_sampling
+from runtime.tools import ChoiceTools, ToolPlan, ToolSupport, compose_parser, template_takes_tools
 
 # vLLM's settings travel to its child processes through the environment, so engines start one at a time.
 _ENGINE_START_LOCK = threading.Lock()
@@ -63,15 +58,27 @@ class EngineLoad:
 
 
 class EmbeddedEngine:
-    """Serves one model; every public coroutine is safe to call concurrently from the event loop."""
+    """Serves one model; every public coroutine is safe to call concurrently from the event loop.
 
-    def __init__(self, model: str, engine_args: Mapping[str, object] | None = None, served_model_name: str | None = None) -> None:
+    `tool_parser` names the vLLM tool parser that finds the calls the model writes (tool_choice "auto"), held to
+    the tools as `tool_strict_level` says (see `runtime.tools.compose_parser`); `chat_template` is a Jinja file
+    that replaces the model folder's template.
+    """
+
+    def __init__(self, model: str, engine_args: Mapping[str, object] | None = None, served_model_name: str | None = None,
+                 *, tool_parser: str | None = None, tool_strict_level: str = "parameter",
+                 chat_template: str | None = None) -> None:
         self.model = model
         self.name = served_model_name or model
         self.load = EngineLoad()
         self.max_model_len = 0
         self._served_model_name = served_model_name
         self._overrides = dict(engine_args or {})
+        self._tool_parser = tool_parser
+        self._tool_strict_level = tool_strict_level
+        self._chat_template = chat_template
+        self._tools: ToolSupport | None = None
+        self._logprobs: Logprobs | None = None
         self._status = EngineStatus(EngineState.IDLE)
         self._start_task: asyncio.Task[None] | None = None
         self._llm: Any = None
@@ -134,7 +141,7 @@ class EmbeddedEngine:
         for a model that is not an embedding model by architecture)."""
         await self._ready()
         if self._llm.model_config.runner_type != "pooling":
-            raise InvalidRequestError(f"model {self.name} does not serve embeddings", "model")
+            raise InvalidRequestError(f"model {self.name} does not serve embeddings", "model", "unsupported_value")
         inputs = parse_embedding_inputs(body)
         loop = asyncio.get_running_loop()
         prompts = [
@@ -145,6 +152,7 @@ class EmbeddedEngine:
             raise InvalidRequestError(
                 f"input {too_long[0]} is longer than this model's maximum context length of {self.max_model_len} tokens",
                 "input",
+                "context_length_exceeded",
             )
         vectors = await asyncio.gather(
             *(self._embed(ids, f"{request_id}-{index}", priority) for index, ids in enumerate(prompts))
@@ -167,37 +175,24 @@ class EmbeddedEngine:
         return result
 
     async def _complete(self, shape: ResponseShape, body: dict[str, Any], request_id: str, priority: int) -> dict:
-        prompt_ids, params = await self._prepare(shape.chat, body, streaming=False)
-        texts: dict[int, str] = {}
-        reasons: dict[int, str | None] = {}
-        generated = 0
+        answer, prompt_ids, params = await self._prepare(shape, body, streaming=False)
+        finals: dict[int, Any] = {}
         async with contextlib.aclosing(self._generate(prompt_ids, params, request_id, priority)) as outputs:
             async for output in outputs:
-                for choice in output.outputs:
-                    texts[choice.index] = texts.get(choice.index, "") + choice.text
-                    reasons[choice.index] = finish_reason(choice.finish_reason)
-                    generated += len(choice.token_ids)
-        return shape.completion(texts, reasons, usage(len(prompt_ids), generated))
+                finals.update((choice.index, choice) for choice in output.outputs)
+        return answer.whole(finals.values())
 
     async def _stream(
         self, shape: ResponseShape, body: dict[str, Any], request_id: str, priority: int
     ) -> AsyncIterator[dict[str, Any]]:
-        prompt_ids, params = await self._prepare(shape.chat, body, streaming=True)
-        generated = 0
+        answer, prompt_ids, params = await self._prepare(shape, body, streaming=True)
         first = True
         async with contextlib.aclosing(self._generate(prompt_ids, params, request_id, priority)) as outputs:
             async for output in outputs:
-                if first and shape.chat:
-                    for index in range(params.n):
-                        yield shape.role_chunk(index)
+                for chunk in answer.chunks(output, first):
+                    yield chunk
                 first = False
-                for choice in output.outputs:
-                    generated += len(choice.token_ids)
-                    if choice.text:
-                        yield shape.text_chunk(choice.index, choice.text)
-                    if choice.finish_reason is not None:
-                        yield shape.finish_chunk(choice.index, finish_reason(choice.finish_reason))
-        yield shape.usage_chunk(usage(len(prompt_ids), generated))
+        yield shape.usage_chunk(answer.usage())
 
     async def _generate(self, prompt_ids: list[int], params: Any, request_id: str, priority: int) -> AsyncIterator:
         """The engine's outputs for one request; closing or cancelling it aborts the request in the engine."""
@@ -220,7 +215,7 @@ class EmbeddedEngine:
                     finished = output.finished
                     yield output
         except VLLMClientError as error:
-            raise InvalidRequestError(str(error)) from error
+            raise client_error(error) from error
         except EngineDeadError as error:
             self._status = EngineStatus(EngineState.FAILED, f"the engine process died: {error}")
             raise EngineUnavailableError(f"the embedded engine for {self.name} died", str(self._status)) from error
@@ -229,13 +224,14 @@ class EmbeddedEngine:
                 # Frees the request's KV cache now rather than when the abandoned stream is collected.
                 await llm.abort(request_id)
 
-    async def _prepare(self, chat: bool, body: dict[str, Any], streaming: bool) -> tuple[list[int], Any]:
+    async def _prepare(self, shape: ResponseShape, body: dict[str, Any], streaming: bool) -> tuple[Answer, list[int], Any]:
         await self._ready()
-        sampling = parse_sampling(body)
+        sampling = parse_sampling(body, shape.chat)
         loop = asyncio.get_running_loop()
-        if chat:
-            messages = parse_chat_messages(body)
-            prompt_ids = await loop.run_in_executor(self._tokenize_pool, self._chat_prompt_ids, messages)
+        plan: ToolPlan | None = None
+        readers: list[ChoiceTools | None] | None = None
+        if shape.chat:
+            prompt_ids, plan, readers = await loop.run_in_executor(self._tokenize_pool, self._chat_input, body, sampling.n)
         else:
             prompt = parse_completion_prompt(body)
             prompt_ids = (
@@ -248,14 +244,21 @@ class EmbeddedEngine:
             raise InvalidRequestError(
                 f"this model's maximum context length is {self.max_model_len} tokens, "
                 f"but the prompt has {len(prompt_ids)} tokens",
-                "messages" if chat else "prompt",
+                "messages" if shape.chat else "prompt",
+                "context_length_exceeded",
             )
-        return prompt_ids, self._sampling_params(sampling, room, streaming)
+        # A call forced by tool_choice (or the parser's syntax for "auto") settles the answer's form; else response_format.
+        structured = plan.structured if plan is not None and plan.request is not None else sampling.structured
+        answer = Answer(shape, prompt_ids, sampling.n, readers, self._logprobs, sampling.logprobs)
+        return answer, prompt_ids, self._sampling_params(sampling, room, streaming, structured)
 
-    def _sampling_params(self, sampling: Sampling, room: int, streaming: bool) -> Any:
-        from vllm.sampling_params import RequestOutputKind, SamplingParams
+    def _sampling_params(self, sampling: Sampling, room: int, streaming: bool, structured: Any) -> Any:
+        from vllm.exceptions import VLLMClientError
+        from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
         try:
+            if isinstance(structured, dict):
+                structured = StructuredOutputsParams(**structured)
             return SamplingParams(
                 n=sampling.n,
                 temperature=sampling.temperature,
@@ -268,16 +271,31 @@ class EmbeddedEngine:
                 min_tokens=min(sampling.min_tokens, room),
                 # Clamped rather than refused: the gateway sends a default max_tokens that may exceed small contexts.
                 max_tokens=min(sampling.max_tokens or room, room),
+                logprobs=sampling.logprobs,
+                structured_outputs=structured,
                 output_kind=RequestOutputKind.DELTA if streaming else RequestOutputKind.FINAL_ONLY,
             )
+        except VLLMClientError as error:
+            raise client_error(error) from error
         except ValueError as error:
             raise InvalidRequestError(str(error)) from error
 
-    def _chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+    def _chat_input(self, body: dict[str, Any], n: int) -> tuple[list[int], ToolPlan | None, list[ChoiceTools | None] | None]:
+        """The prompt's token ids, the request's tool handling and each choice's reading of tool calls; runs in the
+        tokenizer's thread, as parsers read the tokenizer when they are made."""
+        messages = parse_chat_messages(body)
         if not self._tokenizer.chat_template:
-            raise InvalidRequestError(f"model {self.name} has no chat template; use the completions endpoint")
-        text = self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self._tokenizer.encode(text, add_special_tokens=False)
+            raise InvalidRequestError(f"model {self.name} has no chat template; use the completions endpoint",
+                                      "messages", "unsupported_value")
+        plan = self._tools.plan(body)
+        try:
+            text = self._tokenizer.apply_chat_template(messages, tools=plan.tools if plan else None, tokenize=False,
+                                                       add_generation_prompt=True)
+        except Exception as error:  # templates refuse what they cannot render by raising
+            raise InvalidRequestError(f"the chat template of model {self.name} cannot render these messages: {error}",
+                                      "messages") from error
+        prompt_ids = self._tokenizer.encode(text, add_special_tokens=False)
+        return prompt_ids, plan, [plan.for_choice(prompt_ids) for _ in range(n)] if plan else None
 
     def _text_prompt_ids(self, prompt: str) -> list[int]:
         return self._tokenizer.encode(prompt)
@@ -329,9 +347,19 @@ class EmbeddedEngine:
         except TypeError as error:
             raise InvalidRequestError(f"bad engine argument: {error}", "engine") from error
         tokenizer = AutoTokenizer.from_pretrained(path)
+        if self._chat_template is not None:
+            try:
+                tokenizer.chat_template = Path(self._chat_template).read_text()
+            except OSError as error:
+                raise RuntimeFailure(f"chat_template {self._chat_template}: {error.strerror or error}") from error
+        # Before the engine loads: a tool parser that cannot serve this tokenizer fails the start in a moment.
+        parser_cls = compose_parser(tokenizer, self._tool_parser, self.name, self._tool_strict_level)
         llm = AsyncLLM.from_engine_args(engine_args, stat_loggers=[_load_recorder(self.load)])
         # A gateway that exits without stop() must still not leave the engine core process behind.
         atexit.register(llm.shutdown)
+        self._tools = ToolSupport(self.name, tokenizer, parser_cls, self._tool_parser, template_takes_tools(tokenizer),
+                                  llm.model_config)
+        self._logprobs = Logprobs(tokenizer)
         return llm, tokenizer
 
 

@@ -1,17 +1,24 @@
-"""OpenAI request bodies in, OpenAI response and chunk dicts out; nothing here touches the engine."""
+"""OpenAI request bodies read into what the engine needs; nothing here touches the engine.
+
+The answers' shapes are in `runtime.shapes`, tool calling in `runtime.tools`.
+"""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from runtime.errors import InvalidRequestError
 
 # Fields a client may send that this runtime cannot honour; failing loudly beats silently ignoring them.
-_UNSUPPORTED = ("tools", "functions", "logprobs", "top_logprobs", "echo", "suffix", "logit_bias")
+_UNSUPPORTED = ("functions", "function_call", "echo", "suffix", "logit_bias")
 _MAX_CHOICES = 16
 _MAX_STOP_SEQUENCES = 4
+# vLLM's own default bound (`max_logprobs`), and OpenAI's for chat's top_logprobs.
+MAX_TOP_LOGPROBS = 20
+_MAX_TOOL_CALLS_PER_MESSAGE = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,17 +36,20 @@ class Sampling:
     # vLLM's own extensions to the OpenAI body, which its server accepts too: fixed-length answers for load tests.
     ignore_eos: bool
     min_tokens: int
+    # None: no logprobs; otherwise how many alternatives per token (0: only the chosen token's).
+    logprobs: int | None
+    # Keyword arguments of vLLM's StructuredOutputsParams for `response_format`, or None for free text.
+    structured: dict[str, Any] | None
 
 
-def parse_sampling(body: dict[str, Any]) -> Sampling:
+def parse_sampling(body: dict[str, Any], chat: bool = True) -> Sampling:
     for field in _UNSUPPORTED:
         if body.get(field):
-            raise InvalidRequestError(f"'{field}' is not supported by the embedded model runtime", field)
+            raise InvalidRequestError(f"'{field}' is not supported by the embedded model runtime", field,
+                                      "unsupported_parameter")
     if body.get("best_of") not in (None, 1):
-        raise InvalidRequestError("'best_of' is not supported by the embedded model runtime", "best_of")
-    response_format = body.get("response_format")
-    if response_format and response_format.get("type", "text") != "text":
-        raise InvalidRequestError("only the 'text' response_format is supported here", "response_format")
+        raise InvalidRequestError("'best_of' is not supported by the embedded model runtime", "best_of",
+                                  "unsupported_parameter")
     max_tokens_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     return Sampling(
         max_tokens=_integer(body, max_tokens_field, 1),
@@ -52,10 +62,34 @@ def parse_sampling(body: dict[str, Any]) -> Sampling:
         frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
         ignore_eos=body.get("ignore_eos") is True,
         min_tokens=_integer(body, "min_tokens", 0) or 0,
+        logprobs=_chat_logprobs(body) if chat else _integer(body, "logprobs", 0, MAX_TOP_LOGPROBS),
+        structured=structured_outputs(body.get("response_format")),
     )
 
 
-def parse_chat_messages(body: dict[str, Any]) -> list[dict[str, str]]:
+def structured_outputs(response_format: object) -> dict[str, Any] | None:
+    """vLLM's structured-output constraint for an OpenAI `response_format`, or None for plain text."""
+    if response_format is None:
+        return None
+    if not isinstance(response_format, dict):
+        raise InvalidRequestError("'response_format' must be an object", "response_format")
+    kind = response_format.get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"json_object": True}
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise InvalidRequestError("'response_format.json_schema.schema' must be a JSON schema object",
+                                      "response_format.json_schema")
+        return {"json": spec["schema"]}
+    raise InvalidRequestError(f"response_format type {kind!r} is not supported here: use 'text', 'json_object' "
+                              "or 'json_schema'", "response_format.type", "unsupported_value")
+
+
+def parse_chat_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The messages as chat templates take them: text content, and tool calls with their arguments as objects."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequestError("'messages' must be a non-empty list", "messages")
@@ -74,65 +108,17 @@ def parse_completion_prompt(body: dict[str, Any]) -> str | list[int]:
     raise InvalidRequestError("'prompt' must be one non-empty string or one list of token ids", "prompt")
 
 
-def finish_reason(vllm_reason: str | None) -> str | None:
-    # vLLM reports "abort" for requests it dropped; to an OpenAI client that is a stop it did not ask for.
-    return "stop" if vllm_reason == "abort" else vllm_reason
+def _chat_logprobs(body: dict[str, Any]) -> int | None:
+    wanted = body.get("logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise InvalidRequestError(f"'logprobs' must be a boolean, got {wanted!r}", "logprobs")
+    top = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    if top and not wanted:
+        raise InvalidRequestError("'top_logprobs' needs 'logprobs' set to true", "top_logprobs")
+    return (top or 0) if wanted else None
 
 
-class ResponseShape:
-    """Builds the objects of one endpoint (chat or text completions) for one request."""
-
-    def __init__(self, chat: bool, request_id: str, model: str) -> None:
-        self.chat = chat
-        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{request_id}"
-        self.model = model
-        self.created = int(time.time())
-
-    def completion(self, texts: dict[int, str], reasons: dict[int, str | None], usage: dict[str, int]) -> dict:
-        choices = [self._choice(index, texts[index], reasons.get(index)) for index in sorted(texts)]
-        return {**self._head("chat.completion" if self.chat else "text_completion"), "choices": choices, "usage": usage}
-
-    def role_chunk(self, index: int) -> dict:
-        return self._chunk(index, {"role": "assistant", "content": ""}, None)
-
-    def text_chunk(self, index: int, text: str) -> dict:
-        return self._chunk(index, {"content": text} if self.chat else text, None)
-
-    def finish_chunk(self, index: int, reason: str | None) -> dict:
-        return self._chunk(index, {} if self.chat else "", reason)
-
-    def usage_chunk(self, usage: dict[str, int]) -> dict:
-        return {**self._head(self._chunk_object), "choices": [], "usage": usage}
-
-    @property
-    def _chunk_object(self) -> str:
-        return "chat.completion.chunk" if self.chat else "text_completion"
-
-    def _head(self, kind: str) -> dict:
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
-
-    def _choice(self, index: int, text: str, reason: str | None) -> dict:
-        if self.chat:
-            return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
-
-    def _chunk(self, index: int, delta: dict | str, reason: str | None) -> dict:
-        if self.chat:
-            choice = {"index": index, "delta": delta, "finish_reason": reason}
-        else:
-            choice = {"index": index, "text": delta, "logprobs": None, "finish_reason": reason}
-        return {**self._head(self._chunk_object), "choices": [choice]}
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
-def _message(item: object, position: int) -> dict[str, str]:
+def _message(item: object, position: int) -> dict[str, Any]:
     param = f"messages[{position}]"
     if not isinstance(item, dict) or not isinstance(item.get("role"), str):
         raise InvalidRequestError(f"{param} must be an object with a 'role'", param)
@@ -143,13 +129,49 @@ def _message(item: object, position: int) -> dict[str, str]:
         content = "".join(_text_part(part, f"{param}.content") for part in content)
     elif not isinstance(content, str):
         raise InvalidRequestError(f"{param}.content must be a string or a list of text parts", f"{param}.content")
-    return {"role": item["role"], "content": content}
+    message: dict[str, Any] = {"role": item["role"], "content": content}
+    for field in ("name", "tool_call_id"):
+        if item.get(field) is not None:
+            if not isinstance(item[field], str):
+                raise InvalidRequestError(f"{param}.{field} must be a string", f"{param}.{field}")
+            message[field] = item[field]
+    if item.get("tool_calls"):
+        message["tool_calls"] = _tool_calls(item["tool_calls"], f"{param}.tool_calls")
+    return message
+
+
+def _tool_calls(calls: object, param: str) -> list[dict[str, Any]]:
+    if not isinstance(calls, list) or len(calls) > _MAX_TOOL_CALLS_PER_MESSAGE:
+        raise InvalidRequestError(f"{param} must be a list of at most {_MAX_TOOL_CALLS_PER_MESSAGE} tool calls", param)
+    out = []
+    for index, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if (not isinstance(function, dict) or call.get("type", "function") != "function"
+                or not isinstance(function.get("name"), str) or not isinstance(function.get("arguments", ""), str)):
+            raise InvalidRequestError(f"{param}[{index}] must be a function call with a name and string arguments",
+                                      f"{param}[{index}]")
+        entry = {"type": "function", "function": {"name": function["name"],
+                                                  "arguments": _arguments(function.get("arguments"))}}
+        if isinstance(call.get("id"), str):
+            entry["id"] = call["id"]
+        out.append(entry)
+    return out
+
+
+def _arguments(text: str | None) -> dict[str, Any]:
+    """Tool-use templates take arguments as a mapping; as vLLM's server does, text that is no JSON object counts as none
+    (failing would make every later turn of the conversation fail too)."""
+    try:
+        value = orjson.loads(text or "{}")
+    except orjson.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _text_part(part: object, param: str) -> str:
     if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
         return part["text"]
-    raise InvalidRequestError(f"{param} may hold only text parts for this model", param)
+    raise InvalidRequestError(f"{param} may hold only text parts for this model", param, "unsupported_value")
 
 
 def _stop_sequences(stop: object) -> list[str]:

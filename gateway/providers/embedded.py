@@ -14,11 +14,13 @@ from runtime import EmbeddedEngine, EngineState, EngineUnavailableError, Invalid
 
 
 def _failure(name: str, error: RuntimeFailure) -> UpstreamError:
+    # Every runtime error carries its OpenAI code; routing answers a 400 with it, and other kinds with its own codes.
     if isinstance(error, InvalidRequestError):
-        return UpstreamError("status", str(error), 400, {"message": str(error), "param": error.param})
+        return UpstreamError("status", str(error), 400, {"message": str(error), "param": error.param, "code": error.code})
+    detail = {"message": str(error), "code": error.code}
     if isinstance(error, EngineUnavailableError):
-        return UpstreamError("connect", f"{name}: {error}")
-    return UpstreamError("invalid", f"{name}: {error}")
+        return UpstreamError("connect", f"{name}: {error}", None, detail)
+    return UpstreamError("invalid", f"{name}: {error}", None, detail)
 
 
 class EmbeddedProvider(Provider):
@@ -26,7 +28,9 @@ class EmbeddedProvider(Provider):
 
     def __init__(self, name: str, config: EmbeddedProviderConfig) -> None:
         super().__init__(name)
-        self.engine = EmbeddedEngine(config.model, config.engine, config.served_model_name)
+        self.engine = EmbeddedEngine(config.model, config.engine, config.served_model_name,
+                                     tool_parser=config.tool_parser, tool_strict_level=config.tool_strict_level,
+                                     chat_template=config.chat_template)
         self.eager = config.load == "eager"
         self._starting: asyncio.Task[None] | None = None
 

@@ -82,6 +82,8 @@ async def test_stop_sequence_ends_the_answer_before_it(engine: EmbeddedEngine) -
 
     assert reply["choices"][0]["message"]["content"] == "The capital of France is"
     assert reply["choices"][0]["finish_reason"] == "stop"
+    # vLLM's server names the sequence that matched; the Messages door answers it as `stop_sequence`.
+    assert reply["choices"][0]["stop_reason"] == " Paris"
     assert single["choices"][0]["message"]["content"] == "The capital of "
 
 
@@ -111,28 +113,31 @@ async def test_several_choices_are_returned_when_asked(engine: EmbeddedEngine) -
 async def test_prompt_longer_than_the_context_is_an_invalid_request(engine: EmbeddedEngine) -> None:
     with pytest.raises(InvalidRequestError, match="maximum context length is 1024 tokens") as raised:
         await engine.chat(chat_body("hello " * 1100), "too-long")
-    assert raised.value.param == "messages"
+    assert (raised.value.param, raised.value.code) == ("messages", "context_length_exceeded")
 
 
 @pytest.mark.parametrize(
-    ("fields", "param"),
+    ("fields", "param", "code"),
     [
-        ({"temperature": 3}, "temperature"),
-        ({"top_p": "high"}, "top_p"),
-        ({"max_tokens": 0}, "max_tokens"),
-        ({"n": 0}, "n"),
-        ({"stop": [1]}, "stop"),
-        ({"messages": []}, "messages"),
-        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content"),
-        ({"tools": [{"type": "function"}]}, "tools"),
+        ({"temperature": 3}, "temperature", "invalid_value"),
+        ({"top_p": "high"}, "top_p", "invalid_value"),
+        ({"max_tokens": 0}, "max_tokens", "invalid_value"),
+        ({"n": 0}, "n", "invalid_value"),
+        ({"stop": [1]}, "stop", "invalid_value"),
+        ({"messages": []}, "messages", "invalid_value"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content", "unsupported_value"),
+        ({"tools": [{"type": "function"}]}, "tools[0]", "unsupported_value"),
+        ({"functions": [{"name": "f"}]}, "functions", "unsupported_parameter"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+         None, "invalid_value"),
     ],
 )
-async def test_bad_parameters_are_invalid_requests_naming_the_field(
-    engine: EmbeddedEngine, fields: dict[str, Any], param: str
+async def test_bad_parameters_are_invalid_requests_naming_the_field_and_code(
+    engine: EmbeddedEngine, fields: dict[str, Any], param: str | None, code: str
 ) -> None:
     with pytest.raises(InvalidRequestError) as raised:
-        await engine.chat(chat_body(**fields), f"bad-{param}")
-    assert raised.value.param == param
+        await engine.chat(chat_body(**fields), f"bad-{param}-{code}")
+    assert (raised.value.param, raised.value.code) == (param, code)
 
 
 async def test_a_generating_engine_refuses_embeddings(engine: EmbeddedEngine) -> None:
