@@ -1,39 +1,45 @@
-"""OpenAI Responses API <-> Chat Completions: a Responses request as a chat request, a chat completion as a response.
+"""OpenAI Responses API -> Chat Completions: a Responses request as a chat request (answers: responses_output).
 
 Stateless only: nothing is stored, so the fields that name stored state (`previous_response_id`, `conversation`,
 `prompt`, item references, `store: true`, `background: true`) are answered with a 400 naming the field.
 Unknown top-level fields are a 400 too, as OpenAI answers them; fields OpenAI knows that change nothing once
-translated to chat (`include`, `truncation`, `service_tier`...) are accepted and dropped.
+translated to chat (`truncation`, `service_tier`, `include` values other than `message.output_text.logprobs`...)
+are accepted and dropped. Logprobs are asked of chat when `top_logprobs` is given or `include` names them.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
-from gateway.api.wire import call_function, chat_tokens, first_choice, random_id, reasoning_of, text_of
+from gateway.api.responses_output import MAX_TOP_LOGPROBS
+
+# The door writes whole answers through this module, its one entry for the Responses wire format.
+from gateway.api.responses_output import response_from_chat as response_from_chat
+from gateway.api.wire import text_of
 from gateway.errors import GatewayError, bad_request
 
 _IGNORED = frozenset({
-    "include", "truncation", "service_tier", "prompt_cache_key", "prompt_cache_retention", "safety_identifier",
-    "stream_options", "max_tool_calls", "top_logprobs", "store", "background",
+    "truncation", "service_tier", "prompt_cache_key", "prompt_cache_retention", "safety_identifier",
+    "stream_options", "max_tool_calls", "store", "background",
 })
 _STATEFUL = ("previous_response_id", "conversation", "prompt", "context_management")
 _TRANSLATED = frozenset({
     "model", "input", "instructions", "tools", "tool_choice", "text", "max_output_tokens", "temperature", "top_p",
-    "user", "metadata", "parallel_tool_calls", "stream", "reasoning", *_STATEFUL,
+    "user", "metadata", "parallel_tool_calls", "stream", "reasoning", "top_logprobs", "include", *_STATEFUL,
 })
 _ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
-_INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
+_LOGPROBS_INCLUDE = "message.output_text.logprobs"
 
 
 @dataclass(frozen=True, slots=True)
 class ResponsesRequest:
-    """A Responses request translated: the chat body to send, and what every response object repeats of it."""
+    """A Responses request translated: the chat body to send, what every response object repeats of it, and whether
+    the client asked for the tokens' logprobs."""
 
     chat: dict
     echo: dict
     stream: bool
+    logprobs: bool
 
 
 def _type_error(param: str, what: str) -> GatewayError:
@@ -231,6 +237,30 @@ def _response_format(text: object) -> dict | None:
     raise bad_request(f"Invalid value for 'text.format.type': {fmt.get('type')!r}.", "text.format.type", "invalid_value")
 
 
+def _top_logprobs(body: dict) -> int | None:
+    top = body.get("top_logprobs")
+    if top is None:
+        return None
+    if type(top) is not int:
+        raise _type_error("top_logprobs", "an integer")
+    if top < 0:
+        raise bad_request(f"Invalid 'top_logprobs': integer below minimum value. Expected a value >= 0, but got {top} "
+                          "instead.", "top_logprobs", "integer_below_min_value")
+    if top > MAX_TOP_LOGPROBS:
+        raise bad_request(f"Invalid 'top_logprobs': integer above maximum value. Expected a value <= {MAX_TOP_LOGPROBS}, "
+                          f"but got {top} instead.", "top_logprobs", "integer_above_max_value")
+    return top
+
+
+def _includes_logprobs(body: dict) -> bool:
+    include = body.get("include")
+    if include is None:
+        return False
+    if type(include) is not list or any(type(name) is not str for name in include):
+        raise _type_error("include", "an array of strings")
+    return _LOGPROBS_INCLUDE in include
+
+
 def _echo(body: dict) -> dict:
     text = body.get("text") if type(body.get("text")) is dict else {}
     return {
@@ -245,6 +275,7 @@ def _echo(body: dict) -> dict:
         "text": {**text, "format": text.get("format") or {"type": "text"}},
         "tool_choice": body.get("tool_choice") or "auto",
         "tools": body.get("tools") or [],
+        "top_logprobs": body.get("top_logprobs"),
         "top_p": body.get("top_p"),
         "truncation": "disabled",
         "user": body.get("user"),
@@ -277,78 +308,13 @@ def translate_request(body: dict) -> ResponsesRequest:
     reasoning = body.get("reasoning")
     if type(reasoning) is dict and reasoning.get("effort") is not None:
         chat["reasoning_effort"] = reasoning["effort"]
+    top_logprobs = _top_logprobs(body)
+    logprobs = _includes_logprobs(body) or top_logprobs is not None
+    if logprobs:
+        chat["logprobs"] = True
+        if top_logprobs is not None:
+            chat["top_logprobs"] = top_logprobs
     if stream:
         chat["stream"] = True
         chat["stream_options"] = {"include_usage": True}
-    return ResponsesRequest(chat, _echo(body), stream)
-
-
-def response_usage(usage: object) -> dict:
-    """Chat usage as the Responses API counts it."""
-    prompt, cached, completion, reasoning = chat_tokens(usage)
-    return {
-        "input_tokens": prompt,
-        "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
-        "output_tokens": completion,
-        "output_tokens_details": {"reasoning_tokens": reasoning},
-        "total_tokens": prompt + completion,
-    }
-
-
-def outcome(finish_reason: object) -> tuple[str, dict | None]:
-    """The response status and incomplete_details for a chat finish_reason."""
-    reason = _INCOMPLETE.get(finish_reason) if type(finish_reason) is str else None
-    return ("incomplete", {"reason": reason}) if reason else ("completed", None)
-
-
-def response_object(request: ResponsesRequest, response_id: str, model: str, created_at: int, **state: object) -> dict:
-    """A `response` object: the id, model and request echo, then the state given (status, output, usage...)."""
-    response = {"id": response_id, "object": "response", "created_at": created_at, "model": model,
-                "status": "in_progress", "error": None, "incomplete_details": None, "output": [], "usage": None,
-                **request.echo, **state}
-    if response["status"] == "completed":
-        response["completed_at"] = int(time.time())
-    return response
-
-
-def output_text(text: str) -> dict:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-
-
-def message_item(item_id: str, text: str, status: str) -> dict:
-    return {"id": item_id, "type": "message", "status": status, "role": "assistant", "content": [output_text(text)]}
-
-
-def reasoning_item(item_id: str, text: str, status: str) -> dict:
-    return {"id": item_id, "type": "reasoning", "status": status, "summary": [],
-            "content": [{"type": "reasoning_text", "text": text}]}
-
-
-def function_call_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict:
-    return {"id": item_id, "type": "function_call", "status": status, "call_id": call_id, "name": name,
-            "arguments": arguments}
-
-
-def response_from_chat(completion: dict, request: ResponsesRequest, response_id: str | None = None) -> dict:
-    """The Responses `response` object for a chat completion."""
-    choice = first_choice(completion)
-    message = choice.get("message") if type(choice.get("message")) is dict else {}
-    status, incomplete = outcome(choice.get("finish_reason"))
-    item_status = "incomplete" if incomplete else "completed"
-    output = []
-    if reasoning := reasoning_of(message):
-        output.append(reasoning_item(random_id("rs_"), reasoning, item_status))
-    calls = [call for call in message.get("tool_calls") or [] if type(call) is dict]
-    text = text_of(message.get("content"))
-    if text or not calls:
-        output.append(message_item(random_id("msg_"), text, item_status))
-    for call in calls:
-        name, arguments = call_function(call)
-        output.append(function_call_item(random_id("fc_"), text_of(call.get("id")) or random_id("call_"), name,
-                                         arguments, item_status))
-    created = completion.get("created")
-    created_at = created if type(created) is int else int(time.time())
-    return response_object(
-        request, response_id or random_id("resp_"), text_of(request.chat.get("model")), created_at,
-        status=status, incomplete_details=incomplete, output=output, usage=response_usage(completion.get("usage")),
-    )
+    return ResponsesRequest(chat, _echo(body), stream, logprobs)

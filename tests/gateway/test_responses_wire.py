@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator
 
 import openai
@@ -12,14 +13,18 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.api.responses_output import response_from_chat
 from gateway.api.responses_stream import ResponsesStream
-from gateway.api.responses_wire import response_from_chat, translate_request
+from gateway.api.responses_wire import translate_request
 from gateway.errors import GatewayError
+from tests.conftest import sdk
+from tests.fakes.openai_upstream import Answer, FakeOpenAI
 
 WORDS = ["Sunny", " and", " warm", " in", " Paris", "."]
 WEATHER = {"type": "function", "name": "get_weather", "description": "Weather for a city", "strict": True,
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
                           "additionalProperties": False}}
+REFUSAL = "I can't help with that."
 USAGE = {"prompt_tokens": 40, "completion_tokens": 6, "total_tokens": 46, "prompt_tokens_details": {"cached_tokens": 8},
          "completion_tokens_details": {"reasoning_tokens": 2}}
 
@@ -38,30 +43,62 @@ def answer(chat: dict) -> tuple[dict, str]:
         return {"role": "assistant", "reasoning_content": "Think first.", "content": "".join(WORDS)}, "stop"
     if model == "length":
         return {"role": "assistant", "content": "".join(WORDS[:2])}, "length"
+    if model == "refusal":
+        return {"role": "assistant", "content": None, "refusal": REFUSAL}, "stop"
+    if model == "text-then-refusal":
+        return {"role": "assistant", "content": "".join(WORDS), "refusal": REFUSAL}, "stop"
     return {"role": "assistant", "content": "".join(WORDS)}, "stop"
+
+
+def tokens_of(text: str) -> list[str]:
+    return [token for token in re.split(r"(?= )", text) if token]
+
+
+def logprob_entries(chat: dict, tokens: list[str], first: int = 0) -> dict | None:
+    """The chat logprobs of these tokens when the request asked; the model `many-top` sends 30 alternatives whatever
+    was asked."""
+    if not chat.get("logprobs"):
+        return None
+    alternatives = 30 if chat["model"] == "many-top" else chat.get("top_logprobs", 0)
+
+    def entry(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    return {"content": [{**entry(token, -0.125 * (first + i)),
+                         "top_logprobs": [entry(f"{token}~{k}", -1.0 - k) for k in range(alternatives)]}
+                        for i, token in enumerate(tokens)], "refusal": None}
 
 
 def completion_for(chat: dict) -> dict:
     message, finish = answer(chat)
     return {"id": "chatcmpl-1", "object": "chat.completion", "created": 1700000000, "model": "upstream-model",
-            "choices": [{"index": 0, "message": message, "finish_reason": finish}], "usage": USAGE}
+            "choices": [{"index": 0, "message": message, "finish_reason": finish,
+                         "logprobs": logprob_entries(chat, tokens_of(message.get("content") or ""))}], "usage": USAGE}
 
 
 def chunks_for(chat: dict, pieces: int = 3) -> list[dict]:
-    """The chat stream of the same answer: reasoning, text and each call's arguments cut in `pieces` parts."""
+    """The chat stream of the same answer: reasoning, text, refusal and each call's arguments cut in `pieces` parts
+    (text with logprobs in groups of whole tokens)."""
     message, finish = answer(chat)
 
-    def chunk(delta: dict, finish_reason: str | None = None) -> dict:
+    def chunk(delta: dict, finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
         return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1700000000, "model": "upstream-model",
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
-    def cut(text: str) -> list[str]:
+    def cut(text: str | list[str]) -> list:
         size = max(1, -(-len(text) // pieces))
         return [text[i:i + size] for i in range(0, len(text), size)]
 
     out = [chunk({"role": "assistant", "content": ""})]
     out += [chunk({"reasoning_content": piece}) for piece in cut(message.get("reasoning_content") or "")]
-    out += [chunk({"content": piece}) for piece in cut(message.get("content") or "")]
+    if chat.get("logprobs"):
+        groups, done = cut(tokens_of(message.get("content") or "")), 0
+        for group in groups:
+            out.append(chunk({"content": "".join(group)}, None, logprob_entries(chat, group, done)))
+            done += len(group)
+    else:
+        out += [chunk({"content": piece}) for piece in cut(message.get("content") or "")]
+    out += [chunk({"refusal": piece}) for piece in cut(message.get("refusal") or "")]
     for index, call in enumerate(message.get("tool_calls") or []):
         out.append(chunk({"tool_calls": [{"index": index, "id": call["id"], "type": "function",
                                           "function": {"name": call["function"]["name"], "arguments": ""}}]}))
@@ -276,6 +313,10 @@ def _refused(body: dict) -> GatewayError:
     ({"stream": 1}, "stream"),
     ({"input": [{"type": "reasoning", "summary": []}]}, "input"),
     ({"text": {"format": {"type": "xml"}}}, "text.format.type"),
+    ({"top_logprobs": 21}, "top_logprobs"),
+    ({"top_logprobs": -1}, "top_logprobs"),
+    ({"top_logprobs": True}, "top_logprobs"),
+    ({"include": "message.output_text.logprobs"}, "include"),
 ])
 def test_what_cannot_be_served_is_a_400_naming_the_field(body: dict, param: str) -> None:
     assert _refused(body).param == param
@@ -336,10 +377,13 @@ def _events(frames: list[bytes]) -> list[dict]:
     return events
 
 
-@settings(max_examples=60, deadline=None)
-@given(pieces=st.integers(min_value=1, max_value=40), model=st.sampled_from(["text", "tools", "reasoning"]))
-def test_however_the_upstream_cuts_its_stream_the_events_add_up(pieces: int, model: str) -> None:
-    translated = translate_request({"model": model, "input": "hi", "tools": [WEATHER], "stream": True})
+@settings(max_examples=80, deadline=None)
+@given(pieces=st.integers(min_value=1, max_value=40),
+       model=st.sampled_from(["text", "tools", "reasoning", "refusal", "text-then-refusal", "many-top"]),
+       top_logprobs=st.none() | st.integers(min_value=0, max_value=20))
+def test_however_the_upstream_cuts_its_stream_the_events_add_up(pieces: int, model: str, top_logprobs: int | None) -> None:
+    translated = translate_request({"model": model, "input": "hi", "tools": [WEATHER], "stream": True,
+                                    "top_logprobs": top_logprobs})
     stream = ResponsesStream(translated)
     frames = [frame for chunk in chunks_for(translated.chat, pieces) for frame in stream.feed(chunk)]
     events = _events(frames + stream.finish())
@@ -397,3 +441,154 @@ def test_text_deltas_written_from_prebuilt_bytes_are_the_documented_events() -> 
                       for number, piece in enumerate(pieces[:3])]
     assert [list(data) for data in deltas] == [["type", "sequence_number", "item_id", "output_index", "content_index",
                                                 "delta", "logprobs"]] * 3
+
+
+async def test_a_refusal_is_a_refusal_part_whole_and_streamed(served) -> None:
+    client, _ = served
+    created = await client.responses.create(model="refusal", input="Help me with something bad.")
+    async with client.responses.stream(model="refusal", input="Help me with something bad.") as stream:
+        events = [event async for event in stream]
+        streamed = await stream.get_final_response()
+    for response in (created, streamed):
+        [message] = response.output
+        assert message.type == "message" and [part.model_dump() for part in message.content] == [
+            {"type": "refusal", "refusal": REFUSAL}]
+        assert response.output_text == "" and response.status == "completed"
+    assert [event.type for event in events][2:5] == ["response.output_item.added", "response.content_part.added",
+                                                     "response.refusal.delta"]
+    assert events[3].part.model_dump() == {"type": "refusal", "refusal": ""}
+    deltas = [event for event in events if event.type == "response.refusal.delta"]
+    assert "".join(event.delta for event in deltas) == REFUSAL and len(deltas) > 1
+    assert all((event.item_id, event.output_index, event.content_index) == (message.id, 0, 0) for event in deltas)
+    tail = events[events.index(deltas[-1]) + 1:]
+    assert [event.type for event in tail] == ["response.refusal.done", "response.content_part.done",
+                                              "response.output_item.done", "response.completed"]
+    assert tail[0].refusal == REFUSAL and tail[1].part.model_dump() == {"type": "refusal", "refusal": REFUSAL}
+
+
+async def test_text_then_a_refusal_come_as_two_parts_of_one_message(served) -> None:
+    client, _ = served
+    created = await client.responses.create(model="text-then-refusal", input="hi")
+    events = [event async for event in await client.responses.create(model="text-then-refusal", input="hi", stream=True)]
+    streamed = events[-1].response
+    for response in (created, streamed):
+        [message] = response.output
+        assert [part.type for part in message.content] == ["output_text", "refusal"]
+        assert response.output_text == "".join(WORDS) and message.content[1].refusal == REFUSAL
+    parts = [(event.type, event.content_index, event.part.type) for event in events if "content_part" in event.type]
+    assert parts == [("response.content_part.added", 0, "output_text"), ("response.content_part.done", 0, "output_text"),
+                     ("response.content_part.added", 1, "refusal"), ("response.content_part.done", 1, "refusal")]
+    assert {event.content_index for event in events if event.type.startswith("response.refusal.")} == {1}
+
+
+def _spelled(logprobs: list) -> str:
+    return "".join(entry.token for entry in logprobs)
+
+
+async def test_logprobs_asked_for_come_with_the_text_whole_and_streamed(served) -> None:
+    client, door = served
+    include = ["message.output_text.logprobs"]
+    created = await client.responses.create(model="text", input="hi", top_logprobs=2, include=include)
+    assert (door.chats[-1]["logprobs"], door.chats[-1]["top_logprobs"]) == (True, 2)
+    [entry, *_] = created.output[0].content[0].logprobs
+    assert created.top_logprobs == 2
+    assert entry.model_dump() == {"token": "Sunny", "logprob": -0.0, "bytes": list(b"Sunny"), "top_logprobs": [
+        {"token": "Sunny~0", "logprob": -1.0, "bytes": list(b"Sunny~0")},
+        {"token": "Sunny~1", "logprob": -2.0, "bytes": list(b"Sunny~1")}]}
+    assert _spelled(created.output[0].content[0].logprobs) == created.output_text
+
+    async with client.responses.stream(model="text", input="hi", top_logprobs=2, include=include) as stream:
+        events = [event async for event in stream]
+        streamed = await stream.get_final_response()
+    deltas = [event for event in events if event.type == "response.output_text.delta"]
+    assert len(deltas) > 1 and all(_spelled(event.logprobs) == event.delta for event in deltas)
+    assert all(len(entry.top_logprobs) == 2 for event in deltas for entry in event.logprobs)
+    [done] = [event for event in events if event.type == "response.output_text.done"]
+    assert [e.token for e in done.logprobs] == [e.token for event in deltas for e in event.logprobs]
+    assert [e.model_dump() for e in streamed.output[0].content[0].logprobs] == \
+        [e.model_dump() for e in created.output[0].content[0].logprobs]
+
+    await client.responses.create(model="text", input="hi", include=include)
+    assert door.chats[-1]["logprobs"] is True and "top_logprobs" not in door.chats[-1]
+    plain = await client.responses.create(model="text", input="hi")
+    assert "logprobs" not in door.chats[-1] and plain.output[0].content[0].logprobs == []
+
+
+async def test_logprobs_are_bounded_and_out_of_bounds_is_openais_400(served) -> None:
+    client, _ = served
+    created = await client.responses.create(model="many-top", input="hi", top_logprobs=3)
+    events = [event async for event in await client.responses.create(model="many-top", input="hi", top_logprobs=3,
+                                                                      stream=True)]
+    deltas = [event for event in events if event.type == "response.output_text.delta"]
+    for entries in (created.output[0].content[0].logprobs, *(event.logprobs for event in deltas)):
+        assert entries and all(len(entry.top_logprobs) == 20 for entry in entries)
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.responses.create(model="text", input="hi", top_logprobs=21)
+    assert caught.value.status_code == 400 and caught.value.param == "top_logprobs"
+    assert caught.value.body == {"message": "Invalid 'top_logprobs': integer above maximum value. Expected a value <= 20, "
+                                            "but got 21 instead.", "type": "invalid_request_error",
+                                 "param": "top_logprobs", "code": "integer_above_max_value"}
+
+
+ENTRY = {"token": "Hi", "logprob": -0.5, "bytes": [72, 105], "top_logprobs": []}
+MALFORMED_LOGPROBS = [
+    "garbage", [ENTRY], {"content": "garbage"}, {"content": [ENTRY, "x"]}, {"content": [{**ENTRY, "token": 5}]},
+    {"content": [{**ENTRY, "logprob": "low"}]}, {"content": [{**ENTRY, "logprob": True}]},
+    {"content": [{**ENTRY, "bytes": [72, 300]}]}, {"content": [{**ENTRY, "bytes": "Hi"}]},
+    {"content": [{**ENTRY, "top_logprobs": {"token": "Hi"}}]}, {"content": [{**ENTRY, "top_logprobs": [None]}]},
+    {"content": [{**ENTRY, "top_logprobs": [{"token": "Ho"}]}]},
+]
+
+
+@pytest.mark.parametrize("logprobs", MALFORMED_LOGPROBS)
+def test_malformed_upstream_logprobs_count_as_none(logprobs: object) -> None:
+    translated = translate_request({"model": "m", "input": "hi", "top_logprobs": 1})
+    whole = response_from_chat({"choices": [{"message": {"role": "assistant", "content": "Hi"}, "logprobs": logprobs,
+                                             "finish_reason": "stop"}]}, translated)
+    assert whole["output"][0]["content"] == [{"type": "output_text", "text": "Hi", "annotations": [], "logprobs": []}]
+    stream = ResponsesStream(translate_request({"model": "m", "input": "hi", "top_logprobs": 1, "stream": True}))
+    events = _events(stream.feed({"choices": [{"index": 0, "delta": {"content": "Hi"}, "logprobs": logprobs}]})
+                     + stream.finish())
+    assert [e["logprobs"] for e in events if e["type"].startswith("response.output_text.")] == [[], []]
+    assert events[-1]["response"]["output"][0]["content"] == whole["output"][0]["content"]
+
+
+def test_logprobs_of_a_chunk_without_text_go_with_the_next_delta_and_bytes_default_to_the_tokens() -> None:
+    stream = ResponsesStream(translate_request({"model": "m", "input": "hi", "include": ["message.output_text.logprobs"],
+                                                "stream": True}))
+    half = {"token": "\ufffd", "logprob": -1.0, "bytes": [0xE2, 0x82]}
+    frames = stream.feed({"choices": [{"index": 0, "delta": {"content": ""}, "logprobs": {"content": [half]}}]})
+    frames += stream.feed({"choices": [{"index": 0, "delta": {"content": "\u20ac!"},
+                                        "logprobs": {"content": [{"token": "\u20ac!", "logprob": -0.5, "bytes": None}]}}]})
+    [delta] = [e for e in _events(frames + stream.finish()) if e["type"] == "response.output_text.delta"]
+    assert delta["logprobs"] == [{**half, "top_logprobs": []},
+                                 {"token": "\u20ac!", "logprob": -0.5, "bytes": list("\u20ac!".encode()), "top_logprobs": []}]
+
+
+GUARDED = """
+providers:
+  up: {{type: openai, base_url: "{url}"}}
+routes:
+  open: {{targets: [{{provider: up, model: gpt-4o-mini}}]}}
+  masked: {{targets: [{{provider: up, model: gpt-4o-mini}}], guardrails: {{output: {{pii: mask}}}}}}
+guardrails:
+  pii: {{entities: [EMAIL_ADDRESS]}}
+"""
+PII_PIECES = ["Write to jane.do", "e@example.com", " today."]
+
+
+async def test_a_masking_route_answers_with_no_logprobs_through_the_gateway(make_gateway, aiohttp_server) -> None:
+    fake = FakeOpenAI(answer=Answer(content=PII_PIECES, logprobs=True))
+    upstream = await aiohttp_server(fake.app())
+    client = sdk(await make_gateway(GUARDED, url=str(upstream.make_url("/v1"))))
+    include = ["message.output_text.logprobs"]
+    for route, kept in (("open", True), ("masked", False)):
+        whole = await client.responses.create(model=route, input="hi", top_logprobs=1, include=include)
+        assert fake.requests[-1][1]["logprobs"] is True and fake.requests[-1][1]["top_logprobs"] == 1
+        async with client.responses.stream(model=route, input="hi", include=include) as stream:
+            deltas = [event.logprobs async for event in stream if event.type == "response.output_text.delta"]
+            streamed = await stream.get_final_response()
+        assert ("jane.doe@example.com" in whole.output_text) is kept and whole.output_text == streamed.output_text
+        assert [_spelled(entries) for entries in deltas] == (PII_PIECES if kept else [""] * len(deltas))
+        for response in (whole, streamed):
+            assert _spelled(response.output[0].content[0].logprobs) == ("".join(PII_PIECES) if kept else "")
