@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import Counter
 from tiktoken.model import encoding_name_for_model
@@ -177,6 +177,18 @@ async def check_response(guards: RouteGuards, op: Op, data: dict, ex: Exchange) 
 def _index(value: object) -> int:
     """A choice's or tool call's index; a malformed one shares index 0, so its text is still scanned."""
     return value if type(value) is int else 0
+
+
+class ChunkGuard(Protocol):
+    """Output guardrails on a stream as the relay uses them: StreamGuard, or a door's own for its native streams."""
+
+    message: str | None
+
+    async def filter(self, chunk: dict) -> bool: ...
+
+    async def finish(self) -> dict | None: ...
+
+    def findings(self) -> list[Finding]: ...
 
 
 class StreamGuard:

@@ -12,7 +12,7 @@ from aiohttp import web
 from gateway.api.doors import StreamEncoder
 from gateway.errors import GatewayError
 from gateway.exchange import Exchange
-from gateway.guarding import StreamGuard, failure, note_findings, violation
+from gateway.guarding import ChunkGuard, failure, note_findings, violation
 from gateway.inference.transcript import Transcript
 from gateway.providers import ChunkStream, UpstreamError, Usage
 from gateway.routing.upstream import upstream_failure
@@ -28,7 +28,7 @@ SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
 class RelayOptions:
     client_wants_usage: bool
     headers: dict[str, str]
-    scan: StreamGuard | None
+    scan: ChunkGuard | None
     collect: bool
     # None: chunks go out as OpenAI chunks; otherwise the door's own events (Responses, Anthropic Messages).
     encoder: StreamEncoder | None = None
@@ -41,6 +41,8 @@ async def relay(request: web.Request, stream: ChunkStream, ex: Exchange, options
     transcript = Transcript(field) if options.collect else None
     scan = options.scan
     pending: list[bytes] = []
+    # The upstream's own event bytes go out as they came when nothing here may change a chunk.
+    last = stream.last_event if scan is None and encoder is None else None
     opened = time.perf_counter()
     try:
         await response.prepare(request)
@@ -57,12 +59,20 @@ async def relay(request: web.Request, stream: ChunkStream, ex: Exchange, options
                     if not chunk.get("choices"):
                         continue
                     del chunk["usage"]
+                    if last is not None:
+                        last.data = None
             if scan is not None and not await scan.filter(chunk):
                 raise violation(scan.message)
             if transcript is not None:
                 transcript.add(chunk)
             if encoder is None:
-                pending.append(event(chunk))
+                data = last.data if last is not None else None
+                # An event of several data lines holds line breaks; only one of a single line passes as it is.
+                # find(), not `in`: on bytes, `in` first tries its operand as an integer and formats the TypeError.
+                if data is None or data.find(b"\n") >= 0 or data.find(b"\r") >= 0:
+                    pending.append(event(chunk))
+                else:
+                    pending.append(b"data: " + data + b"\n\n")
             else:
                 pending.extend(encoder.feed(chunk))
             # Chunks that arrived together leave together: one write instead of one per chunk.

@@ -1,5 +1,6 @@
 """What makes one front door differ from another: where its key is, how its body becomes the canonical (chat
-completions) request, and how the answer, a stream and an error are written back in its own wire format.
+completions) request, which guardrails read it, and how the answer, a stream and an error are written back in its
+own wire format.
 
 The governance pipeline (gateway/proxy.py) runs the same for every door; it only calls these.
 """
@@ -13,11 +14,18 @@ from typing import Protocol
 import orjson
 from aiohttp import web
 
-from gateway.api import messages_wire, responses_wire
-from gateway.api.messages_stream import MessagesStream
+from gateway import guarding
+from gateway.api import messages_guard, messages_wire, responses_wire
+from gateway.api.messages_stream import MessagesStream, NativeRelay
 from gateway.api.responses_stream import ResponsesStream
-from gateway.errors import GatewayError
-from gateway.providers import Op
+from gateway.errors import GatewayError, bad_request
+from gateway.exchange import Exchange
+from gateway.providers import ChunkStream, Completion, Op
+from gateway.providers.anthropic_native import NativeCompletion, NativeRequest, NativeStream
+
+# The client headers an Anthropic upstream gets, and the longest value passed on.
+_ANTHROPIC_HEADERS = ("anthropic-version", "anthropic-beta")
+_MAX_HEADER_CHARS = 1024
 
 
 class StreamEncoder(Protocol):
@@ -60,12 +68,30 @@ class Door:
         """The canonical request for this body, and what the door needs to write the answer back."""
         return body, None
 
-    def whole(self, data: dict, raw: bytes | None, state: object) -> bytes:
-        return raw or orjson.dumps(data)
+    async def check_input(self, guards: guarding.RouteGuards, body: dict, state: object,
+                          ex: Exchange) -> tuple[dict, object]:
+        """The route's input guardrails: the canonical request and state to go on with (masked), or a raise."""
+        return await guarding.check_request(guards, self.op, body, ex), state
 
-    def encoder(self, state: object, prompt_tokens: int) -> StreamEncoder | None:
+    def native(self, state: object, request: web.Request) -> NativeRequest | None:
+        """The request as the client sent it, for providers that speak this door's API (None: none do)."""
+        return None
+
+    async def check_output(self, guards: guarding.RouteGuards, completion: Completion, ex: Exchange) -> None:
+        """The route's output guardrails on a whole answer: a raise, or the answer masked in place."""
+        checked = await guarding.check_response(guards, self.op, completion.data, ex)
+        if checked is not completion.data:
+            completion.data, completion.body = checked, None
+
+    def whole(self, completion: Completion, state: object) -> bytes:
+        return completion.body or orjson.dumps(completion.data)
+
+    def encoder(self, state: object, prompt_tokens: int, upstream: ChunkStream) -> StreamEncoder | None:
         """None: chunks are relayed as OpenAI chunks (the fast path)."""
         return None
+
+    def stream_guard(self, guards: guarding.RouteGuards, upstream: ChunkStream) -> guarding.ChunkGuard:
+        return guarding.StreamGuard(guards, "content" if self.op == "chat" else "text")
 
     def error_response(self, err: GatewayError) -> web.Response:
         return err.response()
@@ -89,20 +115,34 @@ class ResponsesDoor(Door):
         translated = responses_wire.translate_request(body)
         return translated.chat, translated
 
-    def whole(self, data: dict, raw: bytes | None, state: object) -> bytes:
+    def whole(self, completion: Completion, state: object) -> bytes:
         assert isinstance(state, responses_wire.ResponsesRequest)
-        return orjson.dumps(responses_wire.response_from_chat(data, state))
+        return orjson.dumps(responses_wire.response_from_chat(completion.data, state))
 
-    def encoder(self, state: object, prompt_tokens: int) -> StreamEncoder | None:
+    def encoder(self, state: object, prompt_tokens: int, upstream: ChunkStream) -> StreamEncoder | None:
         assert isinstance(state, responses_wire.ResponsesRequest)
         stream = ResponsesStream(state)
         return _Translator(stream.start, stream.feed, stream.finish,
                            lambda err: stream.error(err.message, err.code or err.type, err.type))
 
 
+def _anthropic_headers(request: web.Request) -> dict[str, str]:
+    headers = {}
+    for name in _ANTHROPIC_HEADERS:
+        value = request.headers.get(name)
+        if value is None:
+            continue
+        if len(value) > _MAX_HEADER_CHARS or not value.isascii() or not value.isprintable():
+            raise bad_request(f"{name}: the header must be printable ASCII of at most {_MAX_HEADER_CHARS} characters.")
+        if value.strip():
+            headers[name] = value.strip()
+    return headers
+
+
 @dataclass(frozen=True, slots=True)
 class MessagesDoor(Door):
-    """Anthropic's Messages API: `x-api-key` or a bearer key, Anthropic's error shape, translated through chat."""
+    """Anthropic's Messages API: `x-api-key` or a bearer key, Anthropic's error shape; passed through natively to
+    Anthropic targets, translated through chat for the others."""
 
     def credentials(self, request: web.Request) -> str | None:
         key = request.headers.get("x-api-key")
@@ -112,17 +152,46 @@ class MessagesDoor(Door):
         return "x-api-key header is required (or 'Authorization: Bearer <key>')."
 
     def prepare(self, body: dict) -> tuple[dict, object]:
-        translated = messages_wire.translate_request(body)
+        translated = messages_wire.translate_request(body, lenient=True)
         return translated.chat, translated
 
-    def whole(self, data: dict, raw: bytes | None, state: object) -> bytes:
+    async def check_input(self, guards: guarding.RouteGuards, body: dict, state: object,
+                          ex: Exchange) -> tuple[dict, object]:
+        """Scans the client's own body, which native targets get; a masked one is translated again for the others."""
         assert isinstance(state, messages_wire.MessagesRequest)
-        return orjson.dumps(messages_wire.message_from_chat(data, state))
+        checked = await messages_guard.check_request(guards, state.original, ex)
+        if checked is state.original:
+            return body, state
+        translated = messages_wire.translate_request(checked, lenient=True)
+        return translated.chat, translated
 
-    def encoder(self, state: object, prompt_tokens: int) -> StreamEncoder | None:
+    def native(self, state: object, request: web.Request) -> NativeRequest | None:
+        assert isinstance(state, messages_wire.MessagesRequest)
+        return NativeRequest(state.original, _anthropic_headers(request), state.untranslatable)
+
+    async def check_output(self, guards: guarding.RouteGuards, completion: Completion, ex: Exchange) -> None:
+        if isinstance(completion, NativeCompletion):
+            await messages_guard.check_message(guards, completion, ex)
+        else:
+            await Door.check_output(self, guards, completion, ex)
+
+    def whole(self, completion: Completion, state: object) -> bytes:
+        if isinstance(completion, NativeCompletion):
+            return completion.raw or orjson.dumps(completion.message)
+        assert isinstance(state, messages_wire.MessagesRequest)
+        return orjson.dumps(messages_wire.message_from_chat(completion.data, state))
+
+    def encoder(self, state: object, prompt_tokens: int, upstream: ChunkStream) -> StreamEncoder | None:
+        if isinstance(upstream, NativeStream):
+            return NativeRelay()
         assert isinstance(state, messages_wire.MessagesRequest)
         stream = MessagesStream(state, input_tokens=prompt_tokens)
         return _Translator(stream.start, stream.feed, stream.finish, lambda err: stream.error(err.status, err.message))
+
+    def stream_guard(self, guards: guarding.RouteGuards, upstream: ChunkStream) -> guarding.ChunkGuard:
+        if isinstance(upstream, NativeStream):
+            return messages_guard.NativeStreamGuard(guards)
+        return Door.stream_guard(self, guards, upstream)
 
     def error_response(self, err: GatewayError) -> web.Response:
         return messages_wire.error_response(err)

@@ -21,8 +21,9 @@ async def count_tokens(request: web.Request) -> web.Response:
     policy = current_policy(request)
     try:
         principal = authenticate(request, policy, MESSAGES)
+        # Counted like the request it previews: what chat cannot carry counts for nothing, and is not refused here.
         translated = messages_wire.translate_request(await read_body(request, policy.loaded.policy.server),
-                                                     counting=True)
+                                                     counting=True, lenient=True)
         model = translated.chat["model"]
         route = policy.routes.get(model)
         if route is None or not policy.governance.authorizer.can_call(principal, model):

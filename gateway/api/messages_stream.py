@@ -3,12 +3,15 @@
 `message_start` and a `ping` first; then one content block at a time (`content_block_start`, its
 `content_block_delta`s, `content_block_stop`), indexed from 0; then `message_delta` with the stop reason and the
 final usage, and `message_stop`. A failure after the start is an `error` event, which ends the stream.
+A native stream (an Anthropic target) needs none of this: `NativeRelay` sends the upstream's own events.
 """
 
 from __future__ import annotations
 
 from gateway.api.messages_wire import MessagesRequest, error_event, messages_usage, stop_of
 from gateway.api.wire import call_function, first_choice, random_id, reasoning_of, sse, text_of, tool_call_deltas
+from gateway.errors import GatewayError
+from gateway.providers.anthropic_native import NATIVE_EVENT, NativeEvent
 
 PING = sse("ping", {"type": "ping"})
 
@@ -106,7 +109,7 @@ class MessagesStream:
         if self._last_index < 0:
             self._begin("text", _EMPTY_BLOCKS["text"], out)
         self._close(out)
-        stop_reason, stop_sequence = stop_of(self._ending, self.request)
+        stop_reason, stop_sequence = stop_of(self._ending, self.request, bool(self._calls))
         # The counts are totals that replace those of message_start, so none is sent that the upstream did not give.
         counts = messages_usage(self._usage) if self._usage else {"output_tokens": 0}
         out.append(sse("message_delta", {"type": "message_delta",
@@ -121,3 +124,23 @@ class MessagesStream:
         self.finished = True
         out.append(error_event(status, message))
         return out
+
+
+class NativeRelay:
+    """The events of a native stream as the upstream sent them (masked where the route's output guardrails said).
+
+    Each chunk carries its event; the upstream's own `message_start` opens the stream and its `message_stop` ends it.
+    """
+
+    def start(self) -> list[bytes]:
+        return []
+
+    def feed(self, chunk: dict) -> list[bytes]:
+        event: NativeEvent | None = chunk.get(NATIVE_EVENT)
+        return [event.encode()] if event is not None else []
+
+    def finish(self) -> list[bytes]:
+        return []
+
+    def error(self, err: GatewayError) -> list[bytes]:
+        return [error_event(err.status, err.message)]

@@ -1,8 +1,10 @@
 """Anthropic Messages API <-> Chat Completions: a Messages request as a chat request, a chat completion as a Message.
 
-Fields chat cannot carry (`thinking`, `top_k`, `cache_control` on blocks, and any field this module does not know,
-such as a new beta's) are not refused: a native passthrough forwards the client's body untouched, and the
-translation to chat leaves them out, keeping the top-level ones in `MessagesRequest.passthrough`.
+Fields chat cannot carry are not refused. Top-level ones (`thinking`, `top_k`, a new beta's) are left out of the chat
+request and kept in `MessagesRequest.passthrough`; `cache_control` on blocks is dropped. Valid content chat has no
+form for (documents, server tools, file sources...) is refused with a 400, or, `lenient`, left out with the reason
+kept in `MessagesRequest.untranslatable`: the door then serves the request natively on Anthropic targets, as the
+client sent it (`MessagesRequest.original`), and refuses it only on targets that speak chat.
 Errors on this door are Anthropic's `{"type": "error", "error": {"type", "message"}}`, typed by status.
 """
 
@@ -29,13 +31,32 @@ _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: 
 @dataclass(frozen=True, slots=True)
 class MessagesRequest:
     """A Messages request translated: the chat body, the stop sequences (to name the one that ended the answer),
-    whether thinking was asked for, and the top-level fields chat has no place for."""
+    whether thinking was asked for, the top-level fields chat has no place for, the client's own body, and why chat
+    cannot carry all of it (None when it can)."""
 
     chat: dict
     stream: bool
     stop_sequences: tuple[str, ...]
     thinking: bool
     passthrough: dict
+    original: dict
+    untranslatable: str | None = None
+
+
+class _Untranslated:
+    """Content that is valid but has no chat form: refused at once, or (lenient) left out, the first reason kept."""
+
+    __slots__ = ("lenient", "reason")
+
+    def __init__(self, lenient: bool) -> None:
+        self.lenient = lenient
+        self.reason: str | None = None
+
+    def note(self, param: str, message: str) -> None:
+        if not self.lenient:
+            raise _invalid(param, message)
+        if self.reason is None:
+            self.reason = f"{param}: {message}"
 
 
 def _invalid(param: str, message: str) -> GatewayError:
@@ -46,6 +67,13 @@ def _string(value: object, param: str) -> str:
     if type(value) is not str:
         raise _invalid(param, "Input should be a valid string")
     return value
+
+
+def _kind(block: object, param: str) -> str:
+    kind = block.get("type") if type(block) is dict else None
+    if type(kind) is not str:
+        raise _invalid(f"{param}.type", "Input should be a content block with a type")
+    return kind
 
 
 def _text_blocks(value: object, param: str) -> str:
@@ -61,31 +89,36 @@ def _text_blocks(value: object, param: str) -> str:
     return "\n\n".join(texts)
 
 
-def _image(block: dict, param: str) -> dict:
+def _image(block: dict, param: str, left_out: _Untranslated) -> dict | None:
     source = block.get("source")
-    if type(source) is dict and source.get("type") == "base64":
+    kind = source.get("type") if type(source) is dict else None
+    if kind == "base64":
         media_type = _string(source.get("media_type"), f"{param}.source.media_type")
         data = _string(source.get("data"), f"{param}.source.data")
         return {"type": "image_url", "image_url": {"url": f"data:{media_type};base64,{data}"}}
-    if type(source) is dict and source.get("type") == "url":
+    if kind == "url":
         return {"type": "image_url", "image_url": {"url": _string(source.get("url"), f"{param}.source.url")}}
-    raise _invalid(f"{param}.source", "only base64 and url image sources can be served on this route")
+    if type(kind) is not str:
+        raise _invalid(f"{param}.source", "Input should be an image source with a type")
+    left_out.note(f"{param}.source", "only base64 and url image sources can be served on this route")
+    return None
 
 
-def _tool_result(block: dict, param: str) -> tuple[dict, list[dict]]:
+def _tool_result(block: dict, param: str, left_out: _Untranslated) -> tuple[dict, list[dict]]:
     """The tool message of a tool_result, and its images: a chat tool message holds text only."""
     content = block.get("content", "")
     images: list[dict] = []
     if type(content) is list:
         texts = []
         for i, part in enumerate(content):
-            kind = part.get("type") if type(part) is dict else None
+            kind = _kind(part, f"{param}.content.{i}")
             if kind == "text":
                 texts.append(_string(part.get("text"), f"{param}.content.{i}.text"))
             elif kind == "image":
-                images.append(_image(part, f"{param}.content.{i}"))
+                if (image := _image(part, f"{param}.content.{i}", left_out)) is not None:
+                    images.append(image)
             else:
-                raise _invalid(f"{param}.content.{i}.type", f"block type {kind!r} cannot be served on this route")
+                left_out.note(f"{param}.content.{i}.type", f"block type {kind!r} cannot be served on this route")
         content = "\n\n".join(texts)
     elif type(content) is not str:
         raise _invalid(f"{param}.content", "Input should be a valid string or a list of blocks")
@@ -93,32 +126,33 @@ def _tool_result(block: dict, param: str) -> tuple[dict, list[dict]]:
     return {"role": "tool", "tool_call_id": call_id, "content": content}, images
 
 
-def _user_turn(content: list, param: str) -> list[dict]:
+def _user_turn(content: list, param: str, left_out: _Untranslated) -> list[dict]:
     tools: list[dict] = []
     parts: list[dict] = []
     for i, block in enumerate(content):
         where = f"{param}.{i}"
-        kind = block.get("type") if type(block) is dict else None
+        kind = _kind(block, where)
         if kind == "text":
             parts.append({"type": "text", "text": _string(block.get("text"), f"{where}.text")})
         elif kind == "image":
-            parts.append(_image(block, where))
+            if (image := _image(block, where, left_out)) is not None:
+                parts.append(image)
         elif kind == "tool_result":
-            message, images = _tool_result(block, where)
+            message, images = _tool_result(block, where, left_out)
             tools.append(message)
             parts.extend(images)
         elif kind not in _DROPPED_BLOCKS:
-            raise _invalid(f"{where}.type", f"block type {kind!r} cannot be served on this route")
+            left_out.note(f"{where}.type", f"block type {kind!r} cannot be served on this route")
     # Tool messages must follow the assistant's calls directly; what else the user sent comes after them.
     return tools + ([{"role": "user", "content": parts}] if parts else [])
 
 
-def _assistant_turn(content: list, param: str) -> dict:
+def _assistant_turn(content: list, param: str, left_out: _Untranslated) -> dict:
     texts: list[str] = []
     calls: list[dict] = []
     for i, block in enumerate(content):
         where = f"{param}.{i}"
-        kind = block.get("type") if type(block) is dict else None
+        kind = _kind(block, where)
         if kind == "text":
             texts.append(_string(block.get("text"), f"{where}.text"))
         elif kind == "tool_use":
@@ -126,14 +160,14 @@ def _assistant_turn(content: list, param: str) -> dict:
             calls.append({"id": _string(block.get("id"), f"{where}.id"), "type": "function",
                           "function": {"name": _string(block.get("name"), f"{where}.name"), "arguments": arguments}})
         elif kind not in _DROPPED_BLOCKS:
-            raise _invalid(f"{where}.type", f"block type {kind!r} cannot be served on this route")
+            left_out.note(f"{where}.type", f"block type {kind!r} cannot be served on this route")
     message: dict = {"role": "assistant", "content": "".join(texts) if texts or not calls else None}
     if calls:
         message["tool_calls"] = calls
     return message
 
 
-def _messages(body: dict) -> list[dict]:
+def _messages(body: dict, left_out: _Untranslated) -> list[dict]:
     out: list[dict] = []
     if body.get("system") is not None:
         out.append({"role": "system", "content": _text_blocks(body["system"], "system")})
@@ -150,13 +184,13 @@ def _messages(body: dict) -> list[dict]:
         elif type(content) is not list:
             raise _invalid(f"{param}.content", "Input should be a valid string or a list of blocks")
         elif message["role"] == "user":
-            out.extend(_user_turn(content, f"{param}.content"))
+            out.extend(_user_turn(content, f"{param}.content", left_out))
         else:
-            out.append(_assistant_turn(content, f"{param}.content"))
+            out.append(_assistant_turn(content, f"{param}.content", left_out))
     return out
 
 
-def _tools(tools: object) -> list[dict]:
+def _tools(tools: object, left_out: _Untranslated) -> list[dict]:
     if type(tools) is not list:
         raise _invalid("tools", "Input should be a valid list")
     out = []
@@ -164,8 +198,9 @@ def _tools(tools: object) -> list[dict]:
         if type(tool) is not dict:
             raise _invalid(f"tools.{i}", "Input should be a valid object")
         if tool.get("type", "custom") != "custom":
-            raise _invalid(f"tools.{i}.type", f"tool type {tool['type']!r} cannot be served on this route: "
-                                              "only custom tools with an input_schema can")
+            left_out.note(f"tools.{i}.type", f"tool type {tool['type']!r} cannot be served on this route: "
+                                             "only custom tools with an input_schema can")
+            continue
         function = {"name": _string(tool.get("name"), f"tools.{i}.name"),
                     "parameters": tool.get("input_schema") or {"type": "object", "properties": {}}}
         if type(tool.get("description")) is str:
@@ -186,20 +221,24 @@ def _tool_choice(choice: object, chat: dict) -> None:
         chat["parallel_tool_calls"] = False
 
 
-def _response_format(config: object) -> dict | None:
+def _response_format(config: object, left_out: _Untranslated) -> dict | None:
     """Structured output (`output_config.format`) as chat's response_format; the effort level has no chat equivalent."""
     fmt = config.get("format") if type(config) is dict else None
     if fmt is None:
         return None
-    if type(fmt) is not dict or fmt.get("type") != "json_schema" or type(fmt.get("schema")) is not dict:
+    kind = fmt.get("type") if type(fmt) is dict else None
+    if type(kind) is str and kind != "json_schema":
+        left_out.note("output_config.format", "only json_schema formats can be served on this route")
+        return None
+    if kind != "json_schema" or type(fmt.get("schema")) is not dict:
         raise _invalid("output_config.format", "Input should be a json_schema format with a schema")
     return {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"], "strict": True}}
 
 
-def translate_request(body: dict, counting: bool = False) -> MessagesRequest:
+def translate_request(body: dict, counting: bool = False, lenient: bool = False) -> MessagesRequest:
     """The chat request for a Messages request (`counting`: a count_tokens body, which needs no max_tokens).
 
-    GatewayError (400, naming the field) for what is malformed or cannot be served through chat.
+    GatewayError (400, naming the field) for what is malformed, and for what chat cannot carry unless `lenient`.
     """
     _string(body.get("model"), "model")
     if body.get("stream") is not None and type(body["stream"]) is not bool:
@@ -207,11 +246,13 @@ def translate_request(body: dict, counting: bool = False) -> MessagesRequest:
     max_tokens = body.get("max_tokens")
     if not counting and (type(max_tokens) is not int or max_tokens < 1):
         raise _invalid("max_tokens", "Field required: a positive integer")
-    chat: dict = {"model": body["model"], "messages": _messages(body)}
+    left_out = _Untranslated(lenient)
+    # A turn whose every block was left out leaves nothing; the chat view still needs a message to be a request.
+    chat: dict = {"model": body["model"], "messages": _messages(body, left_out) or [{"role": "user", "content": ""}]}
     if not counting:
         chat["max_tokens"] = max_tokens
-    if body.get("tools"):
-        chat["tools"] = _tools(body["tools"])
+    if body.get("tools") and (tools := _tools(body["tools"], left_out)):
+        chat["tools"] = tools
     if body.get("tool_choice") is not None:
         _tool_choice(body["tool_choice"], chat)
     stops = body.get("stop_sequences") or []
@@ -222,7 +263,7 @@ def translate_request(body: dict, counting: bool = False) -> MessagesRequest:
     for name in ("temperature", "top_p"):
         if body.get(name) is not None:
             chat[name] = body[name]
-    if (response_format := _response_format(body.get("output_config"))) is not None:
+    if (response_format := _response_format(body.get("output_config"), left_out)) is not None:
         chat["response_format"] = response_format
     metadata = body.get("metadata")
     if type(metadata) is dict and type(metadata.get("user_id")) is str:
@@ -236,6 +277,7 @@ def translate_request(body: dict, counting: bool = False) -> MessagesRequest:
         chat, stream, tuple(stops),
         type(thinking) is dict and thinking.get("type") not in (None, "disabled"),
         {name: value for name, value in body.items() if name not in _TRANSLATED},
+        body, left_out.reason,
     )
 
 
@@ -246,12 +288,15 @@ def messages_usage(usage: object) -> dict:
             "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached}
 
 
-def stop_of(choice: dict, request: MessagesRequest) -> tuple[str, str | None]:
-    """The stop_reason and stop_sequence for a chat choice.
+def stop_of(choice: dict, request: MessagesRequest, called: bool = False) -> tuple[str, str | None]:
+    """The stop_reason and stop_sequence for a chat choice; `called`: the answer holds tool calls.
 
     Chat says only "stop"; vLLM adds the matched string as `stop_reason`, which tells a stop sequence from an end.
+    A call forced by a named tool_choice ends with "stop" on chat, where Anthropic says "tool_use".
     """
     finish = choice.get("finish_reason")
+    if called and finish == "stop":
+        return "tool_use", None
     matched = choice.get("stop_reason")
     if finish == "stop" and type(matched) is str and matched in request.stop_sequences:
         return "stop_sequence", matched
@@ -284,7 +329,7 @@ def message_from_chat(completion: dict, request: MessagesRequest, message_id: st
                             "input": tool_input(arguments)})
     if not any(block["type"] != "thinking" for block in content):
         content.append({"type": "text", "text": ""})
-    stop_reason, stop_sequence = stop_of(choice, request)
+    stop_reason, stop_sequence = stop_of(choice, request, any(block["type"] == "tool_use" for block in content))
     return {"id": message_id or random_id("msg_"), "type": "message", "role": "assistant",
             "model": text_of(request.chat.get("model")), "content": content, "stop_reason": stop_reason,
             "stop_sequence": stop_sequence, "usage": messages_usage(completion.get("usage"))}

@@ -193,24 +193,45 @@ def _finish_reason(stop_reason: object) -> str:
     return STOP_REASONS.get(_string(stop_reason, "stop_reason"), "stop")
 
 
+def _index(data: dict) -> int:
+    index = data.get("index")
+    if type(index) is not int or index < 0:
+        raise InvalidMessage("a content block index is not a non-negative integer")
+    return index
+
+
 def from_message(message: dict) -> dict:
-    """The chat completion for a Messages API message; InvalidMessage if the message is malformed."""
+    """The chat completion for a Messages API message; InvalidMessage if the message is malformed.
+
+    Thinking blocks become `reasoning_content`, the field chat reasoning models use; blocks chat has no place for
+    (redacted thinking, server tools and their results) are left out.
+    """
     content = message.get("content")
     if type(content) is not list:
         raise InvalidMessage("content is not a list")
     texts: list[str] = []
+    thoughts: list[str] = []
     calls: list[dict] = []
     for item in content:
         block = _object(item, "a content block")
         kind = block.get("type")
         if kind == "text":
             texts.append(_string(block.get("text"), "a text block's text"))
+        elif kind == "thinking":
+            thoughts.append(_string(block.get("thinking"), "a thinking block's thinking"))
+            _string(block.get("signature"), "a thinking block's signature")
+        elif kind == "redacted_thinking":
+            _string(block.get("data"), "a redacted_thinking block's data")
         elif kind == "tool_use":
             arguments = orjson.dumps(block.get("input")).decode()
             calls.append({"id": _string(block.get("id"), "a tool_use id"), "type": "function",
                           "function": {"name": _string(block.get("name"), "a tool_use name"), "arguments": arguments}})
+        elif type(kind) is not str:
+            raise InvalidMessage("a content block has no type")
     text = "".join(texts)
     reply: dict = {"role": "assistant", "content": text if text or not calls else None}
+    if thoughts:
+        reply["reasoning_content"] = "".join(thoughts)
     if calls:
         reply["tool_calls"] = calls
     return {
@@ -224,8 +245,16 @@ def from_message(message: dict) -> dict:
     }
 
 
+# The streamed text of each delta type, and the chat delta field it becomes.
+_DELTA_TEXTS = {"text_delta": ("text", "content"), "thinking_delta": ("thinking", "reasoning_content")}
+
+
 class StreamTranslator:
-    """Turns Messages API stream events into chat.completion.chunk dicts, ending with a usage chunk."""
+    """Turns Messages API stream events into chat.completion.chunk dicts, ending with a usage chunk.
+
+    Content blocks are tracked by index, as the API numbers them: started in order, each delta and stop for a block
+    that is open, every block stopped before `message_delta`. An event that breaks this is InvalidMessage.
+    """
 
     def __init__(self) -> None:
         self.id = ""
@@ -235,10 +264,19 @@ class StreamTranslator:
         self.finish_reason: str | None = None
         self.tool_index = -1
         self.finished = False
+        self.started = 0
+        # index of each open block -> its chat tool call index (tool_use blocks) or -1
+        self.open: dict[int, int] = {}
 
     def _chunk(self, delta: dict, finish_reason: str | None = None) -> dict:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+    def _open_index(self, data: dict) -> int:
+        index = _index(data)
+        if index not in self.open:
+            raise InvalidMessage(f"an event for content block {index}, which is not open")
+        return index
 
     def feed(self, event: str, data: dict) -> list[dict]:
         """The chunks for one event; InvalidMessage if the event is malformed."""
@@ -250,21 +288,14 @@ class StreamTranslator:
             self.usage.update(_object(message.get("usage"), "message usage"))
             return [self._chunk({"role": "assistant", "content": ""})]
         if kind == "content_block_start":
-            block = _object(data.get("content_block"), "content_block")
-            if block.get("type") == "tool_use":
-                self.tool_index += 1
-                call = {"index": self.tool_index, "id": _string(block.get("id"), "a tool_use id"), "type": "function",
-                        "function": {"name": _string(block.get("name"), "a tool_use name"), "arguments": ""}}
-                return [self._chunk({"tool_calls": [call]})]
-            return []
+            return self._start(data)
         if kind == "content_block_delta":
-            delta = _object(data.get("delta"), "content_block_delta.delta")
-            if delta.get("type") == "text_delta":
-                return [self._chunk({"content": _string(delta.get("text"), "a text delta")})]
-            if delta.get("type") == "input_json_delta":
-                arguments = _string(delta.get("partial_json"), "an input_json delta")
-                return [self._chunk({"tool_calls": [{"index": self.tool_index, "function": {"arguments": arguments}}]})]
+            return self._delta(data)
+        if kind == "content_block_stop":
+            del self.open[self._open_index(data)]
             return []
+        if kind in ("message_delta", "message_stop") and self.open:
+            raise InvalidMessage(f"{kind} before content block {min(self.open)} stopped")
         if kind == "message_delta":
             self.finish_reason = _finish_reason(_object(data.get("delta"), "message_delta.delta").get("stop_reason"))
             usage = _object(data.get("usage"), "message_delta.usage")
@@ -275,4 +306,43 @@ class StreamTranslator:
             usage_chunk = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                            "model": self.model, "choices": [], "usage": usage_from(self.usage)}
             return [self._chunk({}, self.finish_reason or "stop"), usage_chunk]
+        return []
+
+    def _start(self, data: dict) -> list[dict]:
+        index = _index(data)
+        if index != self.started:
+            raise InvalidMessage(f"content block {index} started where block {self.started} was due")
+        self.started += 1
+        block = _object(data.get("content_block"), "content_block")
+        kind = block.get("type")
+        if type(kind) is not str:
+            raise InvalidMessage("a content block has no type")
+        self.open[index] = -1
+        if kind == "tool_use":
+            self.tool_index += 1
+            self.open[index] = self.tool_index
+            call = {"index": self.tool_index, "id": _string(block.get("id"), "a tool_use id"), "type": "function",
+                    "function": {"name": _string(block.get("name"), "a tool_use name"), "arguments": ""}}
+            return [self._chunk({"tool_calls": [call]})]
+        if kind in ("text", "thinking") and (text := _string(block.get(kind), f"a {kind} block's {kind}")):
+            return [self._chunk({"content" if kind == "text" else "reasoning_content": text})]
+        return []
+
+    def _delta(self, data: dict) -> list[dict]:
+        tool = self.open[self._open_index(data)]
+        delta = _object(data.get("delta"), "content_block_delta.delta")
+        kind = delta.get("type")
+        if type(kind) is not str:
+            raise InvalidMessage("a content block delta has no type")
+        if kind in _DELTA_TEXTS:
+            source, field = _DELTA_TEXTS[kind]
+            return [self._chunk({field: _string(delta.get(source), f"a {kind}")})]
+        if kind == "input_json_delta":
+            arguments = _string(delta.get("partial_json"), "an input_json delta")
+            # Server tools (web search...) stream their input too; chat has no call for them.
+            if tool < 0:
+                return []
+            return [self._chunk({"tool_calls": [{"index": tool, "function": {"arguments": arguments}}]})]
+        if kind == "signature_delta":
+            _string(delta.get("signature"), "a signature delta")
         return []

@@ -6,7 +6,7 @@ import asyncio
 import functools
 import random
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -16,6 +16,8 @@ from gateway.errors import GatewayError, bad_request
 from gateway.exchange import Exchange
 from gateway.inference.transcript import Transcript
 from gateway.providers import ChunkStream, Completion, Op, UnsupportedOperation, UpstreamError, Usage
+from gateway.providers.anthropic import AnthropicProvider
+from gateway.providers.anthropic_native import NativeRequest, UntranslatableRequest
 from gateway.providers.anthropic_translate import TranslationError
 from gateway.routing.breaker import BreakerRegistry, CircuitBreaker
 from gateway.routing.shadow import ShadowRunner
@@ -37,7 +39,9 @@ def upstream_failure(err: UpstreamError) -> GatewayError:
     if err.kind == "timeout":
         return GatewayError(504, err.detail, "api_error", "upstream_timeout")
     if err.kind in ("connect", "reset"):
-        return GatewayError(502, err.detail, "api_error", "upstream_unavailable")
+        # The embedded runtime names why it cannot answer (model_not_ready); HTTP upstreams that cannot be reached say nothing.
+        code = (err.error or {}).get("code")
+        return GatewayError(502, err.detail, "api_error", code if isinstance(code, str) else "upstream_unavailable")
     if err.kind == "invalid":
         return GatewayError(502, err.detail, "api_error", "upstream_invalid_response")
     status = err.status or 502
@@ -104,11 +108,28 @@ class _Primed:
             raise
 
 
+def _call(target: Target, op: Op, body: dict, ex: Exchange, stream: bool,
+          native: NativeRequest | None) -> Awaitable[Completion | ChunkStream]:
+    """The target's call: the client's own request where the provider speaks the door's API, else the canonical one."""
+    provider = target.provider
+    if native is not None:
+        if isinstance(provider, AnthropicProvider):
+            if stream:
+                return provider.stream_native(native, target.model, target.timeout)
+            return provider.complete_native(native, target.model, target.timeout)
+        if native.untranslatable is not None:
+            raise UntranslatableRequest(native.untranslatable)
+    if stream:
+        return provider.stream(op, upstream_body(body, target, True), target.timeout, request_id=ex.request_id,
+                               priority=ex.priority)
+    return provider.complete(op, upstream_body(body, target, False), target.timeout, request_id=ex.request_id,
+                             priority=ex.priority)
+
+
 async def _open_primed(target: Target, op: Op, body: dict, ex: Exchange, breaker: CircuitBreaker | None,
-                       config: CircuitBreakerConfig | None) -> ChunkStream:
+                       config: CircuitBreakerConfig | None, native: NativeRequest | None) -> ChunkStream:
     """Opens the stream and reads its first chunk, so a stream that dies before it is a failure we can still route around."""
-    upstream = await target.provider.stream(op, upstream_body(body, target, True), target.timeout,
-                                            request_id=ex.request_id, priority=ex.priority)
+    upstream = cast(ChunkStream, await _call(target, op, body, ex, True, native))
     chunks = upstream.__aiter__()
     try:
         first = await chunks.__anext__()
@@ -117,17 +138,19 @@ async def _open_primed(target: Target, op: Op, body: dict, ex: Exchange, breaker
     except BaseException:
         await upstream.aclose()
         raise
-    return ChunkStream(_Primed(first, chunks, breaker, config), upstream.aclose, upstream.buffered)
+    # The same kind of stream: a door tells a native stream from a translated one by its type.
+    # Nothing is read past the first chunk before the relay asks for it, so the last event still matches its chunk.
+    return type(upstream)(_Primed(first, chunks, breaker, config), upstream.aclose, upstream.buffered,
+                          upstream.last_event)
 
 
-async def _attempt(target: Target, op: Op, body: dict, ex: Exchange, stream: bool,
-                   breaker: CircuitBreaker | None, config: CircuitBreakerConfig | None) -> Completion | ChunkStream:
+async def _attempt(target: Target, op: Op, body: dict, ex: Exchange, stream: bool, breaker: CircuitBreaker | None,
+                   config: CircuitBreakerConfig | None, native: NativeRequest | None) -> Completion | ChunkStream:
     started = time.perf_counter()
     try:
         if stream:
-            return await _open_primed(target, op, body, ex, breaker, config)
-        return await target.provider.complete(op, upstream_body(body, target, False), target.timeout,
-                                              request_id=ex.request_id, priority=ex.priority)
+            return await _open_primed(target, op, body, ex, breaker, config, native)
+        return await _call(target, op, body, ex, False, native)
     finally:
         _note_attempt(ex, target, started)
 
@@ -139,14 +162,11 @@ def _is_direct(route: Route) -> bool:
             and config.retry.attempts == 1 and config.circuit_breaker is None)
 
 
-async def _direct(target: Target, op: Op, body: dict, ex: Exchange, stream: bool) -> Completion | ChunkStream:
+async def _direct(target: Target, op: Op, body: dict, ex: Exchange, stream: bool,
+                  native: NativeRequest | None) -> Completion | ChunkStream:
     started = time.perf_counter()
     try:
-        if stream:
-            return await target.provider.stream(op, upstream_body(body, target, True), target.timeout,
-                                                request_id=ex.request_id, priority=ex.priority)
-        return await target.provider.complete(op, upstream_body(body, target, False), target.timeout,
-                                              request_id=ex.request_id, priority=ex.priority)
+        return await _call(target, op, body, ex, stream, native)
     except UpstreamError as err:
         raise upstream_failure(err) from None
     except (UnsupportedOperation, TranslationError) as exc:
@@ -156,7 +176,7 @@ async def _direct(target: Target, op: Op, body: dict, ex: Exchange, stream: bool
 
 
 async def _routed(route: Route, op: Op, body: dict, ex: Exchange, routes: Mapping[str, Route],
-                  breakers: BreakerRegistry, stream: bool) -> Completion | ChunkStream:
+                  breakers: BreakerRegistry, stream: bool, native: NativeRequest | None) -> Completion | ChunkStream:
     """Tries targets in attempt order, each up to its route's retry attempts, until one answers."""
     last: UpstreamError | None = None
     unsupported: UnsupportedOperation | None = None
@@ -171,7 +191,7 @@ async def _routed(route: Route, op: Op, body: dict, ex: Exchange, routes: Mappin
             if breaker is not None and not breaker.allow(cast(CircuitBreakerConfig, config)):
                 break
             try:
-                result = await _attempt(target, op, body, ex, stream, breaker, config)
+                result = await _attempt(target, op, body, ex, stream, breaker, config, native)
             except UpstreamError as err:
                 if err.kind == "status" and err.status in _CLIENT_FAULTS:
                     if breaker is not None:
@@ -211,10 +231,10 @@ async def _routed(route: Route, op: Op, body: dict, ex: Exchange, routes: Mappin
 
 
 async def _serve(route: Route, op: Op, body: dict, ex: Exchange, routes: Mapping[str, Route],
-                 breakers: BreakerRegistry, stream: bool) -> Completion | ChunkStream:
+                 breakers: BreakerRegistry, stream: bool, native: NativeRequest | None) -> Completion | ChunkStream:
     if _is_direct(route):
-        return await _direct(route.targets[0], op, body, ex, stream)
-    return await _routed(route, op, body, ex, routes, breakers, stream)
+        return await _direct(route.targets[0], op, body, ex, stream, native)
+    return await _routed(route, op, body, ex, routes, breakers, stream, native)
 
 
 async def _drain(stream: ChunkStream, ex: Exchange) -> dict:
@@ -233,10 +253,10 @@ async def _drain(stream: ChunkStream, ex: Exchange) -> dict:
 
 
 async def _shadow_call(route: Route, op: Op, body: dict, routes: Mapping[str, Route], breakers: BreakerRegistry,
-                       stream: bool, log_payloads: bool, ex: Exchange) -> None:
+                       stream: bool, log_payloads: bool, native: NativeRequest | None, ex: Exchange) -> None:
     """The mirrored request, with its own Exchange; its answer is kept for the record and goes nowhere else."""
     try:
-        result = await _serve(route, op, body, ex, routes, breakers, stream)
+        result = await _serve(route, op, body, ex, routes, breakers, stream, native)
         if isinstance(result, ChunkStream):
             answer = await _drain(result, ex)
         else:
@@ -251,7 +271,7 @@ async def _shadow_call(route: Route, op: Op, body: dict, routes: Mapping[str, Ro
 
 
 def _mirror(route: Route, op: Op, body: dict, ex: Exchange, policy: CompiledPolicy, resilience: Resilience,
-            stream: bool) -> None:
+            stream: bool, native: NativeRequest | None) -> None:
     shadow = route.config.shadow
     if shadow is None or not ShadowRunner.wanted(shadow.percent):
         return
@@ -262,27 +282,28 @@ def _mirror(route: Route, op: Op, body: dict, ex: Exchange, policy: CompiledPoli
                          streamed=stream, request_payload=body if policy.log_payloads else None,
                          policy_version=ex.policy_version, is_shadow=True, shadow_of=ex.request_id)
     call = functools.partial(_shadow_call, shadow_route, op, body, policy.routes, resilience.breakers, stream,
-                             policy.log_payloads)
+                             policy.log_payloads, native)
     resilience.shadows.start(shadow_ex, call)
 
 
 async def _serve_and_mirror(route: Route, op: Op, body: dict, ex: Exchange, policy: CompiledPolicy,
-                            resilience: Resilience, stream: bool) -> Completion | ChunkStream:
+                            resilience: Resilience, stream: bool, native: NativeRequest | None) -> Completion | ChunkStream:
     if route.config.shadow is None:
-        return await _serve(route, op, body, ex, policy.routes, resilience.breakers, stream)
+        return await _serve(route, op, body, ex, policy.routes, resilience.breakers, stream, native)
     try:
-        return await _serve(route, op, body, ex, policy.routes, resilience.breakers, stream)
+        return await _serve(route, op, body, ex, policy.routes, resilience.breakers, stream, native)
     finally:
         # Launched once the client's answer is in hand, so the shadow's first steps never run ahead of it.
-        _mirror(route, op, body, ex, policy, resilience, stream)
+        _mirror(route, op, body, ex, policy, resilience, stream, native)
 
 
 async def complete(route: Route, op: Op, body: dict, ex: Exchange, policy: CompiledPolicy,
-                   resilience: Resilience) -> Completion:
-    return cast(Completion, await _serve_and_mirror(route, op, body, ex, policy, resilience, False))
+                   resilience: Resilience, native: NativeRequest | None = None) -> Completion:
+    """`native`: the client's own request, which targets that speak its door's API get instead of `body`."""
+    return cast(Completion, await _serve_and_mirror(route, op, body, ex, policy, resilience, False, native))
 
 
 async def open_stream(route: Route, op: Op, body: dict, ex: Exchange, policy: CompiledPolicy,
-                      resilience: Resilience) -> ChunkStream:
+                      resilience: Resilience, native: NativeRequest | None = None) -> ChunkStream:
     """Opens the stream; on a route with somewhere to fall back to, its first chunk has already arrived."""
-    return cast(ChunkStream, await _serve_and_mirror(route, op, body, ex, policy, resilience, True))
+    return cast(ChunkStream, await _serve_and_mirror(route, op, body, ex, policy, resilience, True, native))

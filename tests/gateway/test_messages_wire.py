@@ -409,3 +409,22 @@ def test_a_call_without_an_id_gets_one_and_an_empty_answer_is_an_empty_text_bloc
     assert [event["type"] for event in events] == ["message_start", "ping", "content_block_start", "content_block_stop",
                                                    "message_delta", "message_stop"]
     assert events[2]["content_block"] == {"type": "text", "text": ""}
+
+
+def test_a_call_forced_by_a_named_tool_choice_stops_as_tool_use() -> None:
+    # Chat ends a call forced by a named tool_choice with "stop"; Anthropic clients wait for "tool_use" to run it.
+    translated = translate_request({"model": "m", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}],
+                                    "tools": [{"name": "weather", "input_schema": {"type": "object"}}],
+                                    "tool_choice": {"type": "tool", "name": "weather"}})
+    call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city":"Paris"}'}}
+    completion = {"choices": [{"index": 0, "finish_reason": "stop",
+                               "message": {"role": "assistant", "content": None, "tool_calls": [call]}}]}
+    assert message_from_chat(completion, translated)["stop_reason"] == "tool_use"
+    plain = {"choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "hello"}}]}
+    assert message_from_chat(plain, translated)["stop_reason"] == "end_turn"
+    stream = MessagesStream(translated, input_tokens=3)
+    events = stream.feed({"choices": [{"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": None}]})
+    events += stream.feed({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    events += stream.finish({"prompt_tokens": 3, "completion_tokens": 5})
+    deltas = [orjson.loads(block.split(b"\ndata: ", 1)[1]) for block in events if block.startswith(b"event: message_delta")]
+    assert deltas[0]["delta"]["stop_reason"] == "tool_use"
