@@ -23,12 +23,16 @@ bindings:
 providers:
   up: {{type: openai, base_url: "{url}", api_key: "sk-doors-upstream"}}
   tools: {{type: openai, base_url: "{tools_url}"}}
+  leaky: {{type: openai, base_url: "{leaky_url}"}}
 routes:
   chat-default: {{targets: [{{provider: up, model: gpt-4o-mini}}]}}
   chat-tools: {{targets: [{{provider: tools, model: gpt-4o-mini}}]}}
   chat-guarded:
     targets: [{{provider: up, model: gpt-4o-mini}}]
     guardrails: {{input: {{pii: block}}}}
+  chat-masked:
+    targets: [{{provider: leaky, model: gpt-4o-mini}}]
+    guardrails: {{output: {{pii: mask}}}}
   secret-route: {{targets: [{{provider: up, model: gpt-4o-mini}}]}}
 limits:
   - {{scope: user, requests: 4/minute, routes: ["chat-default"]}}
@@ -40,6 +44,8 @@ inference_table:
 """
 
 TOOL = Answer(content=None, tool_arguments=[['{"to": "a', 'nn"}']])
+# The address is cut across chunks, as a model would stream it.
+LEAK = Answer(content=["Write to ", "jane.d", "oe@exa", "mple.com", " today."])
 HI = [{"role": "user", "content": "hi"}]
 
 
@@ -47,8 +53,9 @@ HI = [{"role": "user", "content": "hi"}]
 async def doors(make_gateway, fake_openai, aiohttp_server, tmp_path: Path):
     _, upstream = fake_openai
     tools = await aiohttp_server(FakeOpenAI(answer=TOOL).app())
+    leaky = await aiohttp_server(FakeOpenAI(answer=LEAK).app())
     return await make_gateway(POLICY, url=str(upstream.make_url("/v1")), tools_url=str(tools.make_url("/v1")),
-                              chdb=tmp_path / "chdb", spool=tmp_path / "spool")
+                              leaky_url=str(leaky.make_url("/v1")), chdb=tmp_path / "chdb", spool=tmp_path / "spool")
 
 
 @pytest.fixture
@@ -152,3 +159,44 @@ async def test_limits_count_across_doors_and_every_door_is_recorded(doors, claud
         ("responses", 429)]
     assert [tokens for _, status, _, tokens in rows if status == 200] == [len(WORDS)] * 4
     assert rows[3][2] == 1
+
+
+async def _streamed_text(door: str, client: openai.AsyncOpenAI, claude: anthropic.AsyncAnthropic, model: str) -> str:
+    if door == "chat":
+        stream = await client.chat.completions.create(model=model, messages=HI, stream=True)
+        return "".join([chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices])
+    if door == "responses":
+        async with client.responses.stream(model=model, input="hi") as events:
+            return (await events.get_final_response()).output_text
+    async with claude.messages.stream(model=model, max_tokens=50, messages=HI) as events:
+        return "".join([text async for text in events.text_stream])
+
+
+@pytest.mark.parametrize("door", ["chat", "responses", "messages"])
+async def test_every_door_gets_the_same_rbac_block_and_streamed_mask(doors, claude, door: str) -> None:
+    client = sdk(doors)
+    denied = {"chat": openai.PermissionDeniedError, "responses": openai.PermissionDeniedError,
+              "messages": anthropic.PermissionDeniedError}[door]
+    blocked = {"chat": openai.BadRequestError, "responses": openai.BadRequestError,
+               "messages": anthropic.BadRequestError}[door]
+    pii = "mail jane@example.com"
+    with pytest.raises(denied):
+        await _streamed_text(door, client, claude, "secret-route")
+    with pytest.raises(blocked) as refused:
+        if door == "chat":
+            await client.chat.completions.create(model="chat-guarded", messages=[{"role": "user", "content": pii}])
+        elif door == "responses":
+            await client.responses.create(model="chat-guarded", input=pii)
+        else:
+            await claude.messages.create(model="chat-guarded", max_tokens=5, messages=[{"role": "user", "content": pii}])
+    assert "EMAIL_ADDRESS" in str(refused.value)
+    text = await _streamed_text(door, client, claude, "chat-masked")
+    assert text == "Write to <EMAIL_ADDRESS> today."
+    gateway = doors.app[GATEWAY]
+    await gateway.drain_masking()
+    assert gateway.writer is not None and await asyncio.to_thread(gateway.writer.flush, 60)
+    rows = await asyncio.to_thread(gateway.writer.query, "SELECT route, status, response_payload FROM lockgate.inference "
+                                   f"FINAL WHERE endpoint = '{door}' ORDER BY ts")
+    assert [(route, status) for route, status, _ in rows] == [("secret-route", 403), ("chat-guarded", 400),
+                                                            ("chat-masked", 200)]
+    assert "jane.doe@example.com" not in rows[2][2] and "<EMAIL_ADDRESS>" in rows[2][2]
