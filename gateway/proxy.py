@@ -186,7 +186,9 @@ async def serve(request: web.Request, door: Door, policy: CompiledPolicy, ex: Ex
         ex.request_payload = body
     admission = await governance.admit(policy.governance, principal, route, op, body, ex)
     try:
-        prompt_tokens = count_prompt_tokens(route.targets[0].model, op, body) if door.announces_prompt_tokens else 0
+        # Only a stream announces it, in its first event; a whole answer carries the upstream's own count.
+        prompt_tokens = (count_prompt_tokens(route.targets[0].model, op, body)
+                         if door.announces_prompt_tokens and ex.streamed else 0)
         return await _forward(request, _Call(door, state, prompt_tokens), policy, route, body, ex,
                               {"x-request-id": ex.request_id, **admission.headers()})
     finally:
