@@ -47,3 +47,8 @@ async def engine(model_path: Path, processes_before_engine: set[int]) -> AsyncIt
     await served.start()
     yield served
     await served.stop()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """test_shutdown.py stops the shared engine, so it runs after every other test that may use it."""
+    items.sort(key=lambda item: item.path.name == "test_shutdown.py")

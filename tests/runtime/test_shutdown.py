@@ -1,4 +1,4 @@
-"""Stopping the engine leaves nothing behind. Runs after test_engine.py (file order) and stops the shared engine."""
+"""Stopping the engine leaves nothing behind. Stops the shared engine, so conftest.py runs it last."""
 
 from __future__ import annotations
 
