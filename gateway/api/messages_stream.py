@@ -8,6 +8,8 @@ A native stream (an Anthropic target) needs none of this: `NativeRelay` sends th
 
 from __future__ import annotations
 
+import orjson
+
 from gateway.api.messages_wire import MessagesRequest, error_event, messages_usage, stop_of
 from gateway.api.wire import call_function, first_choice, random_id, reasoning_of, sse, text_of, tool_call_deltas
 from gateway.errors import GatewayError
@@ -17,6 +19,10 @@ PING = sse("ping", {"type": "ping"})
 
 _EMPTY_BLOCKS = {"text": {"type": "text", "text": ""}, "thinking": {"type": "thinking", "thinking": "", "signature": ""}}
 _DELTA_TYPES = {"text": "text_delta", "thinking": "thinking_delta"}
+# A text delta is nearly every event of a stream: written from bytes, in the key order of the dict form.
+_TEXT_DELTA_HEAD = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":'
+_TEXT_DELTA_MIDDLE = b',"delta":{"type":"text_delta","text":'
+_TEXT_DELTA_TAIL = b"}}\n\n"
 
 
 class MessagesStream:
@@ -56,11 +62,16 @@ class MessagesStream:
         choice = first_choice(chunk)
         delta = choice.get("delta")
         if type(delta) is dict:
-            if self.request.thinking:
-                self._text("thinking", reasoning_of(delta), out)
-            self._text("text", text_of(delta.get("content")), out)
-            for index, call in tool_call_deltas(delta):
-                self._call(index, call, out)
+            if len(delta) == 1 and self._open == "text" and type(piece := delta.get("content")) is str:
+                if piece:
+                    out.append(_TEXT_DELTA_HEAD + b"%d" % self._last_index + _TEXT_DELTA_MIDDLE + orjson.dumps(piece)
+                               + _TEXT_DELTA_TAIL)
+            else:
+                if self.request.thinking:
+                    self._text("thinking", reasoning_of(delta), out)
+                self._text("text", text_of(delta.get("content")), out)
+                for index, call in tool_call_deltas(delta):
+                    self._call(index, call, out)
         if choice.get("finish_reason") is not None:
             self._ending = choice
         return out

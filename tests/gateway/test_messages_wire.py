@@ -428,3 +428,19 @@ def test_a_call_forced_by_a_named_tool_choice_stops_as_tool_use() -> None:
     events += stream.finish({"prompt_tokens": 3, "completion_tokens": 5})
     deltas = [orjson.loads(block.split(b"\ndata: ", 1)[1]) for block in events if block.startswith(b"event: message_delta")]
     assert deltas[0]["delta"]["stop_reason"] == "tool_use"
+
+
+def test_text_deltas_written_from_prebuilt_bytes_are_the_documented_events() -> None:
+    translated = translate_request({"model": "m", "max_tokens": 50, "stream": True,
+                                    "messages": [{"role": "user", "content": "hi"}]})
+    stream = MessagesStream(translated, input_tokens=3)
+    pieces = ["Hel", 'lo "quoted" \\ \n', "\u00e9\u4e16\U0001f600", ""]
+    events = []
+    for number, piece in enumerate(pieces):
+        delta = {"role": "assistant", "content": piece} if number == 0 else {"content": piece}
+        events += stream.feed({"choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+    deltas = [orjson.loads(block.split(b"\ndata: ", 1)[1]) for block in events
+              if block.startswith(b"event: content_block_delta\n")]
+    assert deltas == [{"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}}
+                      for piece in pieces[:3]]
+    assert [list(data) for data in deltas] == [["type", "index", "delta"]] * 3
