@@ -347,7 +347,9 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
     max_leaves=8,
 )
-texts = st.sampled_from(["", "hi", EMAIL, "jane.doe@exa", "mple.com", CARD, "a\nb\rc"]) | st.text(max_size=12) \
+# The address always ends in a space: "jane.doe@example.comhi" is no address (its TLD is not one), so no guardrail
+# masks it, streamed or whole.
+texts = st.sampled_from(["", "hi", f"{EMAIL} ", "jane.doe@exa", "mple.com ", CARD, "a\nb\rc"]) | st.text(max_size=12) \
     | json_values
 # Ids, signatures and encrypted data are not scanned (as on every door), so they never hold the address here.
 opaque = st.text(max_size=12) | json_values
