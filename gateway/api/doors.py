@@ -15,7 +15,7 @@ import orjson
 from aiohttp import web
 
 from gateway import guarding
-from gateway.api import messages_guard, messages_wire, responses_wire
+from gateway.api import messages_guard, messages_wire, responses_output, responses_wire
 from gateway.api.messages_stream import MessagesStream, NativeRelay
 from gateway.api.responses_stream import ResponsesStream
 from gateway.errors import GatewayError, bad_request
@@ -117,7 +117,7 @@ class ResponsesDoor(Door):
 
     def whole(self, completion: Completion, state: object) -> bytes:
         assert isinstance(state, responses_wire.ResponsesRequest)
-        return orjson.dumps(responses_wire.response_from_chat(completion.data, state))
+        return orjson.dumps(responses_output.response_from_chat(completion.data, state))
 
     def encoder(self, state: object, prompt_tokens: int, upstream: ChunkStream) -> StreamEncoder | None:
         assert isinstance(state, responses_wire.ResponsesRequest)

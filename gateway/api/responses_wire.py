@@ -12,9 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gateway.api.responses_output import MAX_TOP_LOGPROBS
-
-# The door writes whole answers through this module, its one entry for the Responses wire format.
-from gateway.api.responses_output import response_from_chat as response_from_chat
 from gateway.api.wire import text_of
 from gateway.errors import GatewayError, bad_request
 

@@ -181,23 +181,24 @@ def _text_problem(holder: dict) -> str | None:
             if problem is not None:
                 return f"{key}.{problem}"
         elif key == "tool_calls":
-            if type(value) is not list:
-                return "tool_calls is not a list"
-            for call in value:
-                problem = _text_problem(call) if type(call) is dict else "is not an object"
-                if problem is not None:
-                    return f"tool_calls[].{problem}"
+            problem = _items_problem("tool_calls", value)
+            if problem is not None:
+                return problem
+    return None
+
+
+def _items_problem(name: str, items: object) -> str | None:
+    if type(items) is not list:
+        return f"{name} is not a list"
+    for item in items:
+        problem = _text_problem(item) if type(item) is dict else "is not an object"
+        if problem is not None:
+            return f"{name}[].{problem}"
     return None
 
 
 def _choices_problem(choices: object) -> str | None:
-    if type(choices) is not list:
-        return "choices is not a list"
-    for choice in choices:
-        problem = _text_problem(choice) if type(choice) is dict else "is not an object"
-        if problem is not None:
-            return f"choices[].{problem}"
-    return None
+    return _items_problem("choices", choices)
 
 
 def check_chunk(chunk: dict, provider: str) -> None:
