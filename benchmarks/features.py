@@ -126,6 +126,18 @@ def logging_policy(upstream: str, key: str, folder: Path, redis_url: str) -> dic
         "log_payloads": True, "mask_pii": True}}
 
 
+def full_policy(storage: str) -> Callable[[str, str, Path, str], dict]:
+    """Every governance feature at once: RBAC over 50 roles, request and token limits, a daily budget, PII
+    guardrails on input (block) and output (mask), `max_parallel`, and the inference table (chdb, payloads, masking)."""
+    def build(upstream: str, key: str, folder: Path, redis_url: str) -> dict:
+        policy = governance_policy(storage)(upstream, key, folder, redis_url)
+        policy["routes"][ROUTE]["guardrails"] = {"input": {"pii": "block"}, "output": {"pii": "mask"}}
+        policy["limits"].append({"scope": "user", "max_parallel": 1000})
+        policy["inference_table"] = logging_policy(upstream, key, folder, redis_url)["inference_table"]
+        return policy
+    return build
+
+
 BARE_LOADS = (Load("bare", "bare"), Load("bare, 200-word prompt", "bare, 200-word prompt", prompt=CLEAN_PROMPT))
 # Bare runs first and again last: each baseline is the mean of both, and their gap shows the run's drift.
 VARIANTS = (
