@@ -17,6 +17,7 @@ from gateway.compiled import ProviderPool
 from gateway.context import GATEWAY, Gateway
 from gateway.errors import GatewayError
 from gateway.inference import InferenceWriter
+from gateway.metrics import LOOP_LAG_WATCH
 from gateway.state import PolicyHolder, file_stamp
 from policies.loader import load_policy
 from policies.schema import ServerConfig
@@ -103,6 +104,14 @@ def create_app(policy_path: str | os.PathLike[str]) -> web.Application:
         # In a thread: close() waits for the last batch to be written or spooled.
         await asyncio.to_thread(writer.close, time_left())
 
+    async def loop_lag(app: web.Application) -> AsyncIterator[None]:
+        watch = asyncio.get_running_loop().create_task(LOOP_LAG_WATCH.run())
+        yield
+        watch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watch
+
+    app.cleanup_ctx.append(loop_lag)
     app.cleanup_ctx.append(inference_writer)
     app.cleanup_ctx.append(policy_and_providers)
     app.cleanup_ctx.append(shadow_traffic)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import re
 import time
 
 import aiohttp
@@ -115,3 +117,26 @@ async def test_health_ready_and_metrics(gateway) -> None:
     assert "lockgate_request_duration_seconds_bucket" in text
     assert 'lockgate_upstream_duration_seconds_count{provider="up"}' in text
     assert "lockgate_in_flight_requests" in text
+
+
+async def test_metrics_show_an_event_loop_stall_once(gateway) -> None:
+    """A blocking call on the loop shows as its lag: the worst since the last scrape, then the histogram keeps it."""
+    _, server = gateway
+
+    def worst(text: str) -> float:
+        return float(re.search(r"^lockgate_event_loop_lag_max_seconds (\S+)$", text, re.MULTILINE)[1])
+
+    async with aiohttp.ClientSession() as session:
+        async with session.get(server.make_url("/metrics")) as resp:
+            await resp.text()
+        await asyncio.sleep(0.2)
+        time.sleep(0.3)  # blocks the loop the gateway runs on
+        await asyncio.sleep(0.1)
+        async with session.get(server.make_url("/metrics")) as resp:
+            stalled = await resp.text()
+        await asyncio.sleep(0.2)
+        async with session.get(server.make_url("/metrics")) as resp:
+            after = await resp.text()
+    assert worst(stalled) >= 0.2
+    assert worst(after) < 0.2
+    assert 'lockgate_event_loop_lag_seconds_bucket{le="1.0"}' in after
