@@ -46,6 +46,7 @@ class LoadResult:
     latency_ms: dict[str, float]
     ttfb_ms: dict[str, float]  # to the first body byte: for a stream, its first event
     statuses: dict[str, int]
+    cpu_s: float = 0.0  # the load generator's own CPU over the whole run (warm-up included, interpreter start not)
 
 
 def chat_body(model: str, stream: bool, prompt: str = "Say hello in one short sentence.", max_tokens: int = 32) -> bytes:
@@ -222,6 +223,7 @@ class _LoadProtocol(asyncio.Protocol):
 
 async def run_load(spec: LoadSpec) -> LoadResult:
     """Drives the load from the running loop; prefer `run_load_subprocess` next to a process under test."""
+    cpu_before = time.process_time()
     host, port, request = request_bytes(spec)
     loop = asyncio.get_running_loop()
     recorder = _Recorder(spec)
@@ -235,6 +237,7 @@ async def run_load(spec: LoadSpec) -> LoadResult:
         requests=measured, total_requests=recorder.total, errors=recorder.errors, elapsed_s=elapsed,
         rps=len(recorder.latencies) / elapsed if elapsed > 0 else 0.0,
         latency_ms=percentiles(recorder.latencies), ttfb_ms=percentiles(recorder.ttfbs), statuses=recorder.statuses,
+        cpu_s=time.process_time() - cpu_before,
     )
 
 

@@ -42,25 +42,27 @@ class Gateway:
         if self.writer is None:
             return
         record = ex.record(finished)
-        payloads = policy.mask_payloads and (
-            record["request_payload"] is not None or record["response_payload"] is not None)
-        if not payloads and not (record["metadata"] and _masks_metadata(policy)):
+        mask_request = policy.mask_payloads and record["request_payload"] is not None and not ex.request_clean
+        mask_response = policy.mask_payloads and record["response_payload"] is not None and not ex.response_clean
+        if not (mask_request or mask_response) and not (record["metadata"] and _masks_metadata(policy)):
             self.writer.submit(record)
             return
         if len(self.masking) >= MAX_MASKING_BACKLOG:
             _withhold(record, BACKLOG_FULL, "backlog_full")
             self.writer.submit(record)
             return
-        task = asyncio.get_running_loop().create_task(self._mask_then_submit(record, policy))
+        task = asyncio.get_running_loop().create_task(self._mask_then_submit(record, policy, mask_request,
+                                                                             mask_response))
         self.masking.add(task)
         task.add_done_callback(self.masking.discard)
 
-    async def _mask_then_submit(self, record: dict, policy: CompiledPolicy) -> None:
+    async def _mask_then_submit(self, record: dict, policy: CompiledPolicy, mask_request: bool,
+                                mask_response: bool) -> None:
         guard = policy.guardrails
         assert guard is not None
         try:
-            if policy.mask_payloads:
-                await _mask_payloads(record, policy, guard)
+            if mask_request or mask_response:
+                await _mask_payloads(record, policy, guard, mask_request, mask_response)
             if record["metadata"] and _masks_metadata(policy):
                 record["metadata"] = await _masked_metadata(record["metadata"], guard)
         except Unscannable:
@@ -88,17 +90,18 @@ def _masks_metadata(policy: CompiledPolicy) -> bool:
     return policy.guardrails is not None and policy.loaded.policy.inference_table.mask_pii
 
 
-async def _mask_payloads(record: dict, policy: CompiledPolicy, guard: Guardrails) -> None:
+async def _mask_payloads(record: dict, policy: CompiledPolicy, guard: Guardrails, mask_request: bool,
+                         mask_response: bool) -> None:
     # The payloads are canonical requests: the Responses and Messages doors store the chat body they became.
     op = record["endpoint"] if record["endpoint"] in ("completions", "embeddings") else "chat"
-    request = record["request_payload"]
+    request = record["request_payload"] if mask_request else None
     if request is not None:
         if not isinstance(request, dict):
             raise TypeError(f"a request payload of type {type(request).__name__} cannot be masked")
         route = policy.routes.get(record["route"])
         tokenizer = route.guards.tokenizer if route is not None else None
         record["request_payload"] = (await guard.scan_request(request, op, "mask", "mask", tokenizer)).body
-    response = record["response_payload"]
+    response = record["response_payload"] if mask_response else None
     if isinstance(response, bytes):
         response = orjson.loads(response)
     if response is not None:

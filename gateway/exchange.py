@@ -43,6 +43,9 @@ class Exchange:
     policy_version: str = ""
     is_shadow: bool = False
     shadow_of: str = ""
+    # The route's guardrails read the stored request (answer) whole and found nothing: masking it would change nothing.
+    request_clean: bool = False
+    response_clean: bool = False
 
     def record(self, finished: float) -> dict:
         latency = finished - self.started

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from prometheus_client import Counter
 from tiktoken.model import encoding_name_for_model
@@ -143,7 +143,7 @@ def failure(exc: GuardrailError) -> GatewayError:
                         "api_error", "guardrail_failure")
 
 
-async def _settle(scan: Awaitable[Verdict], ex: Exchange) -> Any:
+async def _settle(scan: Awaitable[Verdict], ex: Exchange) -> Verdict:
     try:
         verdict = await scan
     except GuardrailError as exc:
@@ -151,24 +151,28 @@ async def _settle(scan: Awaitable[Verdict], ex: Exchange) -> Any:
     note_findings(ex, verdict.findings)
     if verdict.blocked:
         raise violation(verdict.message)
-    return verdict.body
+    return verdict
 
 
 async def check_request(guards: RouteGuards, op: Op, body: dict, ex: Exchange) -> dict:
     """Returns the body to forward (masked where the route says so); raises on a block."""
     assert guards.guard is not None
     try:
-        return await _settle(guards.guard.scan_request(body, op, guards.input.pii, guards.input.patterns,
-                                                       guards.tokenizer), ex)
+        verdict = await _settle(guards.guard.scan_request(body, op, guards.input.pii, guards.input.patterns,
+                                                          guards.tokenizer), ex)
     except Unscannable as exc:
         raise bad_request(f"This request cannot pass the route's input guardrails: {exc}.",
                           code="content_not_checkable") from None
+    ex.request_clean = verdict.clean
+    return verdict.body
 
 
 async def check_response(guards: RouteGuards, op: Op, data: dict, ex: Exchange) -> dict:
     assert guards.guard is not None
     try:
-        return await _settle(guards.guard.scan_response(data, op, guards.output.pii, guards.output.patterns), ex)
+        verdict = await _settle(guards.guard.scan_response(data, op, guards.output.pii, guards.output.patterns), ex)
+        ex.response_clean = verdict.clean
+        return verdict.body
     except Unscannable as exc:
         raise GatewayError(502, f"The upstream answer cannot pass the route's output guardrails: {exc}.",
                            "api_error", "upstream_invalid_response") from None

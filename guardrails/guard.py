@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from guardrails.bodies import Op, Path, Texts, Tokenizer, request_texts, response_texts, rewrite
@@ -48,6 +48,9 @@ class Verdict:
     findings: list[Finding]
     body: Any
     message: str | None = None
+    # Every text was read for PII and for the patterns and nothing was found: a masking scan of this body would
+    # change nothing, so the inference table may store it as it is.
+    clean: bool = field(default=False, compare=False)
 
 
 def summarize(spans: Sequence[Span], direction: Direction, pii: Action, patterns: Action) -> list[Finding]:
@@ -99,6 +102,7 @@ class Guardrails:
 
     def scan_text(self, text: str, direction: Direction, pii: Action, patterns: Action) -> Verdict:
         """Scan one string on the calling thread; Verdict.body is the (masked) text."""
+        check_action(pii)
         texts = Texts([(("",), text)])
         verdict = self._judge({"": text}, texts, self._suspects(texts.fields, pii), direction, pii, patterns)
         verdict.body = verdict.body[""]
@@ -128,15 +132,22 @@ class Guardrails:
                     patterns: Action) -> Verdict:
         check_action(pii)
         check_action(patterns)
-        if (not texts.fields and not texts.malformed) or (pii == "off" and patterns == "off"):
+        if not texts.fields and not texts.malformed:
+            return Verdict(False, [], body, clean=True)
+        if pii == "off" and patterns == "off":
             return Verdict(False, [], body)
         suspects = self._suspects(texts.fields, pii)
         if any(suspects):
             return await self.run_in_worker(self._judge, body, texts, suspects, direction, pii, patterns)
+        # The common clean text: nothing can be found, so nothing can be blocked, masked or dropped.
+        if (patterns == "off" or not self.detector.patterns) and not texts.malformed:
+            return Verdict(False, [], body, clean=self._reads_all(pii, patterns))
         return self._judge(body, texts, suspects, direction, pii, patterns)
 
+    def _reads_all(self, pii: Action, patterns: Action) -> bool:
+        return pii != "off" and (patterns != "off" or not self.detector.patterns)
+
     def _suspects(self, fields: Sequence[tuple[Path, str]], pii: Action) -> list[bool]:
-        check_action(pii)
         if pii == "off":
             return [False] * len(fields)
         return [self.detector.may_hold_pii(text) for _, text in fields]
@@ -168,4 +179,5 @@ class Guardrails:
             if to_mask:
                 masked[path] = mask(text, to_mask)
         hides = pii in _HIDING or patterns in _HIDING
-        return Verdict(False, findings, rewrite(body, texts, masked, hides))
+        clean = not found and not texts.malformed and self._reads_all(pii, patterns)
+        return Verdict(False, findings, rewrite(body, texts, masked, hides), clean=clean)

@@ -58,7 +58,7 @@ class Prefilter:
         if self._digits is None:
             return False
         # Non-ASCII texts may hold digits of other scripts, which phonenumbers and \d both read as digits.
-        has_digit = not text.isascii() or any(digit in text for digit in _ASCII_DIGITS)
+        has_digit = not text.isascii() or any(map(text.__contains__, _ASCII_DIGITS))
         return has_digit and self._digits.search(text) is not None
 
 

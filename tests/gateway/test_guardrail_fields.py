@@ -219,3 +219,53 @@ async def test_a_full_masking_backlog_withholds_payloads_and_metadata(setup, mon
     assert row["metadata"] == {"lockgate.withheld": BACKLOG_FULL}
     after = REGISTRY.get_sample_value("lockgate_inference_payloads_withheld_total", {"reason": "backlog_full"})
     assert after == before + 1
+
+
+PATTERN_POLICY = """
+providers:
+  up: {{type: openai, base_url: "{url}"}}
+routes:
+  pii-only: {{targets: [{{provider: up, model: gpt-4o-mini}}],
+             guardrails: {{input: {{pii: block}}, output: {{pii: mask}}}}}}
+  both: {{targets: [{{provider: up, model: gpt-4o-mini}}],
+         guardrails: {{input: {{pii: block, patterns: flag}}, output: {{pii: mask, patterns: flag}}}}}}
+guardrails:
+  pii: {{entities: [EMAIL_ADDRESS, CREDIT_CARD]}}
+  patterns: [{{name: codename, regex: "BLUEBIRD-\\\\d+"}}]
+inference_table:
+  enabled: true
+  clickhouse: "chdb://{chdb}"
+  spool_dir: "{spool}"
+  flush_interval_ms: 50
+  mask_pii: true
+"""
+
+
+async def test_only_what_the_route_read_whole_skips_masking_in_the_table(
+        make_gateway, aiohttp_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A route that scanned for PII but not for the patterns proves nothing about them: its row is still masked.
+    A route that read everything and found nothing stores the payloads as they are, with no masking to wait for."""
+    from_config = InferenceWriter.from_config
+    monkeypatch.setattr(InferenceWriter, "from_config", lambda config: from_config(config, CollectorRegistry()))
+    fake = FakeOpenAI()
+    fake.answer = Answer(content=["The plan is BLUEBIRD-7, ", "nothing else."])
+    upstream = await aiohttp_server(fake.app())
+    server = await make_gateway(PATTERN_POLICY, url=str(upstream.make_url("/v1")), chdb=tmp_path / "chdb",
+                                spool=tmp_path / "spool")
+    client = sdk(server)
+    message = [{"role": "user", "content": "What is BLUEBIRD-7 about?"}]
+    unread = await client.chat.completions.with_raw_response.create(model="pii-only", messages=message)
+    assert "BLUEBIRD-7" in unread.parse().choices[0].message.content
+    fake.answer = Answer(content=["Nothing to hide ", "here."])
+    clean = [{"role": "user", "content": "Say something plain."}]
+    # With no room to mask, whatever must be masked is withheld: a proven-clean row is not among them.
+    monkeypatch.setattr(context, "MAX_MASKING_BACKLOG", 0)
+    proven = await client.chat.completions.with_raw_response.create(model="both", messages=clean)
+    monkeypatch.setattr(context, "MAX_MASKING_BACKLOG", 256)
+    rows = await _rows(server, [unread.headers["x-request-id"], proven.headers["x-request-id"]])
+    stored = rows[unread.headers["x-request-id"]]
+    assert "BLUEBIRD-7" not in stored["request"] and "<codename>" in stored["request"]
+    assert "BLUEBIRD-7" not in stored["response"] and "<codename>" in stored["response"]
+    kept = rows[proven.headers["x-request-id"]]
+    assert orjson.loads(kept["request"])["messages"] == clean
+    assert orjson.loads(kept["response"])["choices"][0]["message"]["content"] == "Nothing to hide here."
