@@ -32,9 +32,11 @@ _STRENGTH = {"": 0, "flag": 1, "mask": 2, "block": 3}
 # Actions that may change or stop the text: streamed logprobs cannot follow what they do, so they are dropped.
 _HIDING = frozenset({"mask", "block"})
 _DELTA_TEXTS = ("content", "refusal", "reasoning_content", "reasoning")
+_PLAIN_DELTA = frozenset({"role", "content"})
 # (holder, field, whole): names are scanned piece by piece as they come, not held back (they come in one piece).
 _NESTED_TEXTS = (("function_call", "name", True), ("function_call", "arguments", False), ("audio", "transcript", False))
 Slot = tuple[str | int, ...]
+_CONTENT_SLOT: Slot = ("content",)
 
 
 def build_guardrails(policy: Policy) -> Guardrails | None:
@@ -233,7 +235,7 @@ class StreamGuard:
             if scanners is None:
                 scanners = self.choices[index] = {}
             # Fed inline rather than through a coroutine per field: this runs for every chunk of every guarded stream.
-            for slot, holder, name, whole in _text_slots(choice):
+            for slot, holder, name, whole in _plain_slots(choice) or _text_slots(choice):
                 scanner = scanners.get(slot)
                 if scanner is None:
                     scanner = scanners[slot] = self._scanner()
@@ -290,6 +292,17 @@ class StreamGuard:
     def findings(self) -> list[Finding]:
         active = [scanner for scanners in self.choices.values() for scanner in scanners.values()]
         return [f for scanner in (*self.done, *active) for f in scanner.findings]
+
+
+def _plain_slots(choice: dict) -> list[tuple[Slot, dict, str, bool]] | None:
+    """The slots of the chunk nearly every stream is made of (a delta of only role and content text), or None."""
+    delta = choice.get("delta")
+    if type(delta) is not dict or not _PLAIN_DELTA.issuperset(delta) or "text" in choice:
+        return None
+    content = delta.get("content")
+    if type(content) is not str:
+        return None
+    return [(_CONTENT_SLOT, delta, "content", False)] if content else []
 
 
 def _text_slots(choice: dict) -> list[tuple[Slot, dict, str, bool]]:

@@ -105,9 +105,15 @@ class StreamScanner:
         buffer = self._pending + delta
         offset = len(self._context)
         text = self._context + buffer
-        spans = self._detector.find_patterns(text) if self._patterns != "off" else []
-        spans = [_shift(s, offset) for s in (*spans, *pii_spans) if s.end > offset]
+        spans = self._detector.find_patterns(text) if self._patterns != "off" and self._detector.patterns else []
         cut = len(buffer) if final else self._cut(buffer, text, offset)
+        if not spans and not pii_spans:
+            # The common delta: nothing found, so nothing to hold for a finding, block or mask.
+            out = buffer[:cut]
+            self._context = (self._context + out)[-CONTEXT_CHARS:]
+            self._pending = buffer[cut:]
+            return out
+        spans = [_shift(s, offset) for s in (*spans, *pii_spans) if s.end > offset]
         moved = True
         while moved:
             moved = False

@@ -10,6 +10,8 @@ from __future__ import annotations
 from gateway.providers import Usage
 
 _DELTA_TEXTS = ("content", "refusal", "reasoning_content", "reasoning")
+# The delta nearly every chunk is: only text, so only its content needs keeping.
+_PLAIN_DELTA = frozenset({"role", "content"})
 
 
 def _index(value: object) -> int:
@@ -32,6 +34,9 @@ class _Choice:
         self.finish: str | None = None
 
     def add_delta(self, delta: dict) -> None:
+        if _PLAIN_DELTA.issuperset(delta):
+            _append(self.texts, "content", delta.get("content"))
+            return
         for name in _DELTA_TEXTS:
             _append(self.texts, name, delta.get(name))
         calls = delta.get("tool_calls")
