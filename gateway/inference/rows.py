@@ -19,15 +19,7 @@ COLUMNS: tuple[str, ...] = (
     "request_payload", "response_payload", "payload_truncated", "policy_version", "is_shadow", "shadow_of",
 )
 
-_STRINGS = (
-    "request_id", "key_id", "user", "route", "provider", "model", "endpoint", "error_type", "error_code",
-    "split_arm", "guardrail_action", "ratelimit_outcome", "policy_version", "shadow_of",
-)
-_UINT_LIMITS = {
-    "prompt_tokens": 2**32 - 1, "completion_tokens": 2**32 - 1, "cached_tokens": 2**32 - 1,
-    "cost_micro_usd": 2**64 - 1, "attempts": 255, "status": 65_535,
-}
-_FLOATS = ("latency_ms", "ttft_ms", "upstream_ms", "overhead_ms")
+_UINT32 = 2**32 - 1
 TRUNCATION_MARKER = "...[truncated by lockgate: {size} bytes]"
 # DateTime64's last second (2299-12-31 23:59:59 UTC): a later timestamp would not insert.
 _MAX_TS = 10_413_791_999.0
@@ -35,6 +27,8 @@ ROW_MARKER = "[payload not stored: the record could not be turned into a row]"
 
 
 def _uint(value: Any, limit: int) -> int:
+    if type(value) is int and 0 <= value <= limit:
+        return value
     try:
         number = int(value or 0)
     except (TypeError, ValueError, OverflowError):
@@ -104,26 +98,44 @@ def _findings(raw: Any) -> list[tuple[str, str, str, int]]:
     return out
 
 
+def _stored_payload(payload: Any, log_payloads: bool, max_bytes: int) -> tuple[str, bool]:
+    if not log_payloads:
+        return truncate_payload("", max_bytes)
+    if type(payload) is dict:
+        # A payload as JSON that fits is decoded once, instead of decoded to be measured by encoding it again.
+        try:
+            encoded = orjson.dumps(payload, default=safe_text, option=orjson.OPT_NON_STR_KEYS)
+        except Exception:
+            encoded = None
+        if encoded is not None and len(encoded) <= max_bytes:
+            return encoded.decode(), False
+    return truncate_payload(payload_text(payload), max_bytes)
+
+
+def _text(value: Any) -> str:
+    return value if type(value) is str else str(value or "")
+
+
 def to_row(record: Mapping[str, Any], *, log_payloads: bool, max_payload_bytes: int) -> list[Any]:
     """One row in COLUMNS order; missing or malformed fields become empty values, never a failed batch."""
-    values: dict[str, Any] = {name: str(record.get(name) or "") for name in _STRINGS}
-    values.update({name: _uint(record.get(name), limit) for name, limit in _UINT_LIMITS.items()})
-    values.update({name: _float(record.get(name)) for name in _FLOATS})
-    values["ts"] = _timestamp(record.get("ts"))
-    values["groups"] = _texts(record.get("groups"))
-    values["fallbacks"] = _texts(record.get("fallbacks"))
-    values["streamed"] = bool(record.get("streamed"))
-    values["is_shadow"] = bool(record.get("is_shadow"))
-    values["guardrail_findings"] = _findings(record.get("guardrail_findings"))
-    metadata = record.get("metadata")
-    values["metadata"] = {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, Mapping) else {}
-    truncated = False
-    for name in ("request_payload", "response_payload"):
-        payload = payload_text(record.get(name)) if log_payloads else ""
-        values[name], cut = truncate_payload(payload, max_payload_bytes)
-        truncated = truncated or cut
-    values["payload_truncated"] = truncated
-    return [values[name] for name in COLUMNS]
+    get = record.get
+    metadata = get("metadata")
+    request_payload, request_cut = _stored_payload(get("request_payload"), log_payloads, max_payload_bytes)
+    response_payload, response_cut = _stored_payload(get("response_payload"), log_payloads, max_payload_bytes)
+    # One pass in COLUMNS order: this runs for every row the writer inserts.
+    return [
+        _text(get("request_id")), _timestamp(get("ts")), _text(get("key_id")), _text(get("user")),
+        _texts(get("groups")), _text(get("route")), _text(get("provider")), _text(get("model")),
+        _text(get("endpoint")), _uint(get("status"), 65_535), _text(get("error_type")), _text(get("error_code")),
+        bool(get("streamed")), _uint(get("prompt_tokens"), _UINT32), _uint(get("completion_tokens"), _UINT32),
+        _uint(get("cached_tokens"), _UINT32), _uint(get("cost_micro_usd"), 2**64 - 1), _float(get("latency_ms")),
+        _float(get("ttft_ms")), _float(get("upstream_ms")), _float(get("overhead_ms")), _uint(get("attempts"), 255),
+        _texts(get("fallbacks")), _text(get("split_arm")), _findings(get("guardrail_findings")),
+        _text(get("guardrail_action")), _text(get("ratelimit_outcome")),
+        {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, Mapping) else {},
+        request_payload, response_payload, request_cut or response_cut, _text(get("policy_version")),
+        bool(get("is_shadow")), _text(get("shadow_of")),
+    ]
 
 
 def safe_row(record: Any, *, log_payloads: bool, max_payload_bytes: int) -> tuple[list[Any], bool]:
