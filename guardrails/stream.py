@@ -60,6 +60,8 @@ class StreamScanner:
         self._patterns = patterns
         self._direction = direction
         self._tail = _NER_TAIL if self._detector.ner else _TAIL
+        # PII is looked for and patterns are not (or none are set): the case feed() takes a short path for.
+        self._plain = pii != "off" and not (patterns != "off" and self._detector.patterns)
         self._pending = ""
         self._context = ""
         self._spans: list[Span] = []
@@ -75,6 +77,15 @@ class StreamScanner:
         if self.blocked:
             return ""
         text = self._context + self._pending + delta
+        if self._plain and not self._detector.may_hold_pii(text):
+            # No PII candidate and no patterns to look for: release up to the tail that could still become one.
+            buffer = self._pending + delta
+            tail = self._tail.search(buffer)
+            cut = max(tail.start() if tail else len(buffer), len(buffer) - MAX_HOLD_CHARS)
+            out = buffer[:cut]
+            self._context = (self._context + out)[-CONTEXT_CHARS:]
+            self._pending = buffer[cut:]
+            return out
         return self._settle(delta, False, self._detector.find_pii(text) if self._suspect(text) else [])
 
     def finish(self) -> str:

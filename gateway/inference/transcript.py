@@ -85,6 +85,16 @@ class Transcript:
 
     def add(self, chunk: dict) -> None:
         choices = chunk.get("choices")
+        if type(choices) is list and len(choices) == 1 and self.chat:
+            # The chunk nearly every stream is made of: one choice's text.
+            choice = choices[0]
+            if type(choice) is dict and choice.get("finish_reason") is None:
+                delta = choice.get("delta")
+                if type(delta) is dict and _PLAIN_DELTA.issuperset(delta):
+                    state = self.choices.get(_index(choice.get("index")))
+                    if state is not None:
+                        _append(state.texts, "content", delta.get("content"))
+                        return
         for choice in choices if isinstance(choices, list) else ():
             if not isinstance(choice, dict):
                 continue
