@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from clickhouse_connect.driver.client import Client
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from gateway.inference.child import BATCH, BATCH_HEADER, FLUSH, GOODBYE, QUERY, REQUEST_ID, ChildOptions
@@ -32,6 +31,8 @@ from gateway.inference.process import WriterProcess
 from gateway.inference.spool import Spool
 
 if TYPE_CHECKING:
+    from clickhouse_connect.driver.client import Client
+
     from policies.schema import InferenceTableConfig
 
 log = logging.getLogger(__name__)
@@ -82,8 +83,8 @@ class InferenceWriter:
         log_payloads: bool = True,
         max_payload_bytes: int = 65_536,
         payload_ttl_days: int = 30,
-        batch_rows: int = 1_000,
-        flush_interval_ms: int = 1_000,
+        batch_rows: int = 5_000,
+        flush_interval_ms: int = 5_000,
         queue_max: int = 100_000,
         queue_max_bytes: int = QUEUE_MAX_BYTES,
         spool_dir: str | Path = "var/spool",
