@@ -219,6 +219,10 @@ class StreamGuard:
         choices = chunk.get("choices")
         if not choices:
             return True
+        if type(choices) is list and len(choices) == 1 and not self.guards.ner:
+            done = self._filter_plain(choices[0])
+            if done is not None:
+                return done
         if not isinstance(choices, list):
             chunk["choices"] = []
             return True
@@ -254,6 +258,27 @@ class StreamGuard:
                     return False
         if malformed:
             chunk["choices"] = [choice for choice in choices if isinstance(choice, dict)]
+        return True
+
+    def _filter_plain(self, choice: object) -> bool | None:
+        """filter() for the chunk nearly every stream is made of: one choice, a text delta, nothing else to do.
+        None: the chunk is not that one, and takes the full path."""
+        if type(choice) is not dict or choice.get("finish_reason") is not None or choice.get("logprobs") is not None:
+            return None
+        slots = _plain_slots(choice)
+        if not slots:
+            return None
+        index = choice.get("index")
+        scanners = self.choices.get(index if type(index) is int else 0)
+        scanner = scanners.get(_CONTENT_SLOT) if scanners is not None else None
+        if scanner is None:
+            return None
+        delta = slots[0][1]
+        out = scanner.feed(delta["content"])
+        if scanner.blocked:
+            self.message = scanner.message
+            return False
+        delta["content"] = out
         return True
 
     def _scanner(self) -> StreamScanner:
