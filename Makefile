@@ -15,6 +15,7 @@ test: install model
 
 bench: install
 	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.governance
 
 bench-features: install
 	$(PY) -m benchmarks.features
