@@ -8,7 +8,6 @@ reservation by the real cost.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -144,5 +143,6 @@ async def settle(gov: Governance, admission: Admission, ex: Exchange) -> None:
         cost = cost_micro_usd(gov.prices, ex.model, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
         ex.cost_micro_usd = cost or 0
     completion = usage.completion_tokens if usage is not None else 0
-    # Shielded: a client that disconnects must not keep its tokens and cost off the books.
-    await asyncio.shield(gov.governor.settle(admission, completion, ex.cost_micro_usd or None))
+    # Not awaited: the answer does not wait for the limiter's store, and a client that disconnects cannot keep
+    # its tokens and cost off the books.
+    gov.governor.settle_soon(admission, completion, ex.cost_micro_usd or None)

@@ -65,7 +65,7 @@ class BudgetCheck:
     rules: list[BudgetRule]
     subjects: list[str]
     periods: list[Period]
-    caps: list[CapSpec]
+    caps: tuple[CapSpec, ...]
     valid_until: float
     # When each spend total may go: a day past its period's end, so a late charge still lands before the key goes.
     keep_until_ms: list[int]
@@ -112,10 +112,10 @@ def budget_check(rules: list[BudgetRule], principal: Principal, now: datetime | 
     applied = [rule for rule in rules if rule.applies_to(principal)]
     subjects = [rule.subject(principal) for rule in applied]
     periods = [period(rule.per, now) for rule in applied]
-    caps = [
+    caps = tuple(
         CapSpec(spend_key(subject, rule.per, span.label), rule.cap_micro_usd)
         for rule, subject, span in zip(applied, subjects, periods, strict=True)
-    ]
+    )
     valid_until = min((p.ends_at.timestamp() for p in periods), default=float("inf"))
     keep_until_ms = [int(p.ends_at.timestamp() * 1000) + _SLACK_MS for p in periods]
     return BudgetCheck(applied, subjects, periods, caps, valid_until, keep_until_ms)

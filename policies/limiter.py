@@ -5,7 +5,9 @@ A Governor is built once per policy version over a CounterStore that lives as lo
 
     admission = await governor.admit(principal, route, prompt_tokens, estimate)  # refuse when not allowed
     ...forward the request...
-    await governor.settle(admission, completion_tokens, cost_micro_usd)            # always, in `finally`
+    governor.settle_soon(admission, completion_tokens, cost_micro_usd)             # always, in `finally`
+
+(`await governor.settle(...)` is the same, waiting for the store's answer.)
 
 `estimate` is the most the request can cost (micro-USD); it is reserved on every budget that applies
 until settle replaces it by the real cost, so concurrent requests cannot spend past a budget.
@@ -16,11 +18,13 @@ every try fails).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import itertools
 import math
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
@@ -30,6 +34,7 @@ from limits import parse
 from policies.budgets import BudgetCheck, BudgetRule, budget_check, compile_budgets
 from policies.keys import Principal
 from policies.limiter_storage import (
+    CapSpec,
     CounterStore,
     SlotSpec,
     Snapshot,
@@ -95,7 +100,7 @@ def compile_limit(config: LimitConfig) -> LimitRule:
     )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class WindowState:
     """One window's numbers for OpenAI's x-ratelimit-* headers."""
 
@@ -144,18 +149,26 @@ def format_duration(seconds: float) -> str:
     return f"{minutes}m{secs}s" if minutes else f"{secs}s"
 
 
-def _tightest(states: list[WindowState]) -> WindowState | None:
-    return min(states, key=lambda s: (s.remaining, s.limit)) if states else None
+def _tightest(specs: Sequence[WindowSpec], counts: Sequence[WindowCount]) -> WindowState | None:
+    """The window with the least room left (on a tie, the smaller limit), for the headers."""
+    best: tuple[int, int, WindowSpec, WindowCount] | None = None
+    for spec, count in zip(specs, counts, strict=True):
+        order = (max(0, spec.limit - weighted_count(count, spec.window_ms)), spec.limit, spec, count)
+        if best is None or order[:2] < best[:2]:
+            best = order
+    return None if best is None else _state(best[2], best[3])
 
 
 @dataclass(frozen=True, slots=True)
 class Plan:
     """The counters one (principal, route) touches, resolved once per policy version."""
 
-    request_windows: list[WindowSpec]
-    token_windows: list[WindowSpec]
-    slots: list[SlotSpec]
+    request_windows: tuple[WindowSpec, ...]
+    token_windows: tuple[WindowSpec, ...]
+    slots: tuple[SlotSpec, ...]
     subjects: list[str]
+    # Tuples, and the same ones on every call: the store may encode them once (see RedisCounterStore).
+    windows: tuple[WindowSpec, ...]
 
 
 @dataclass(slots=True)
@@ -187,6 +200,20 @@ class Admission:
         if self.retry_after_s is not None:
             out["retry-after"] = str(self.retry_after_s)
         return out
+
+
+@dataclass(slots=True)
+class _Settlement:
+    """What one settle writes, kept for its retries."""
+
+    windows: tuple[WindowSpec, ...]
+    tokens: int
+    caps: tuple[CapSpec, ...]
+    spend: int
+    ttl_ms: list[int]
+    slots: tuple[SlotSpec, ...]
+    member: str
+    admitted_at: float
 
 
 class Governor:
@@ -225,8 +252,8 @@ class Governor:
                 slots[key] = SlotSpec(key, rule.max_parallel)
                 subjects[key] = rule.subject(principal)
         keys = [*request_windows, *token_windows, *slots]
-        plan = Plan(list(request_windows.values()), list(token_windows.values()), list(slots.values()),
-                    [subjects[k] for k in keys])
+        plan = Plan(tuple(request_windows.values()), tuple(token_windows.values()), tuple(slots.values()),
+                    [subjects[k] for k in keys], (*request_windows.values(), *token_windows.values()))
         if len(self._plans) >= _MAX_CACHED_PLANS:
             self._plans.clear()
         self._plans[(principal, route)] = plan
@@ -245,42 +272,47 @@ class Governor:
     ) -> Admission:
         plan = self.plan(principal, route)
         budgets = self._budget_check(principal) if self._budgets else None
-        caps = budgets.caps if budgets is not None else []
-        if not plan.request_windows and not plan.token_windows and not plan.slots and not caps:
+        caps = budgets.caps if budgets is not None else ()
+        windows = plan.windows
+        if not windows and not plan.slots and not caps:
             return Admission(True)
-        windows = plan.request_windows + plan.token_windows
         amounts = [1] * len(plan.request_windows) + [prompt_tokens] * len(plan.token_windows)
         estimate = max(0, estimate_micro_usd) if caps else 0
         member = f"{_process_tag}-{next(_admission_ids)}" if plan.slots or estimate else ""
         admitted_at = time.monotonic()
         try:
             snap = await self._store.check_and_take(windows, amounts, plan.slots, caps, member, self._lease_ms, estimate)
+        except asyncio.CancelledError:
+            if member:
+                self._void(plan, caps if estimate else (), member)
+            raise
         except StorageUnavailable as exc:
             if member and exc.maybe_applied:
-                # The script may have run after we gave up: void its lease so no slot or reservation stays taken.
-                reserved_caps = caps if estimate else []
-                self._store.retry_in_background(
-                    "release", lambda: self._store.release(plan.slots, reserved_caps, member, self._lease_ms),
-                    _RELEASE_DELAYS_S,
-                )
+                self._void(plan, caps if estimate else (), member)
             if self._deny_on_error:
                 return Admission(False, "limiter_unavailable", f"The rate limiter's storage is unavailable ({exc}).", 1)
             # Unchecked, but its real usage is still charged when it settles.
             return Admission(True, degraded=True, plan=plan, budgets=budgets)
-        states = [_state(spec, count) for spec, count in zip(windows, snap.windows, strict=True)]
         split = len(plan.request_windows)
         admission = Admission(
-            snap.allowed, requests=_tightest(states[:split]), tokens=_tightest(states[split:]),
+            snap.allowed, requests=_tightest(plan.request_windows, snap.windows[:split]),
+            tokens=_tightest(plan.token_windows, snap.windows[split:]),
             plan=plan, budgets=budgets, member=member, estimate=estimate, admitted_at=admitted_at,
         )
         if not snap.allowed:
             self._explain_refusal(admission, windows, amounts, snap)
         return admission
 
+    def _void(self, plan: Plan, reserved_caps: tuple[CapSpec, ...], member: str) -> None:
+        # The script may have run after we gave up: void its lease so no slot or reservation stays taken.
+        self._store.retry_in_background(
+            "release", lambda: self._store.release(plan.slots, reserved_caps, member, self._lease_ms), _RELEASE_DELAYS_S
+        )
+
     def _explain_refusal(
         self,
         admission: Admission,
-        windows: list[WindowSpec],
+        windows: tuple[WindowSpec, ...],
         amounts: list[int],
         snap: Snapshot,
     ) -> None:
@@ -323,28 +355,46 @@ class Governor:
         if admission.message:
             admission.message += f" Retry after {admission.retry_after_s} s."
 
-    async def settle(self, admission: Admission, completion_tokens: int = 0, cost_micro_usd: int | None = None) -> None:
-        """Charge the completion's tokens and the request's cost in place of its reservation, and free its
-        parallel slots; once only. A failed try is retried in the background, never on the request's time."""
+    def _settlement(self, admission: Admission, completion_tokens: int, cost_micro_usd: int | None) -> _Settlement | None:
         if admission.settled or admission.plan is None:
-            return
+            return None
         admission.settled = True
         plan, budgets, member = admission.plan, admission.budgets, admission.member
         spend = max(0, cost_micro_usd or 0)
-        caps = budgets.caps if budgets is not None and (spend or admission.estimate) else []
+        caps = budgets.caps if budgets is not None and (spend or admission.estimate) else ()
         ttl = budgets.ttl_ms() if budgets is not None and caps else []
-        slots = plan.slots if member else []
+        slots = plan.slots if member else ()
+        return _Settlement(plan.token_windows, completion_tokens, caps, spend, ttl, slots, member, admission.admitted_at)
+
+    def _retry_settle(self, due: _Settlement) -> None:
         # Only a lease that cannot have expired proves that no earlier try charged already.
-        verify = bool(member) and (time.monotonic() - admission.admitted_at) * 1000 + _VERIFY_MARGIN_MS < self._lease_ms
+        verify = bool(due.member) and (time.monotonic() - due.admitted_at) * 1000 + _VERIFY_MARGIN_MS < self._lease_ms
+        store = self._store
+        store.retry_in_background(
+            "settle", lambda: store.settle(due.windows, due.tokens, due.caps, due.spend, due.ttl_ms, due.slots,
+                                           due.member, verify),
+            _SETTLE_DELAYS_S,
+        )
+
+    async def settle(self, admission: Admission, completion_tokens: int = 0, cost_micro_usd: int | None = None) -> None:
+        """Charge the completion's tokens and the request's cost in place of its reservation, and free its
+        parallel slots; once only. A failed try is retried in the background, never on the request's time."""
+        due = self._settlement(admission, completion_tokens, cost_micro_usd)
+        if due is None:
+            return
         try:
-            await self._store.settle(plan.token_windows, completion_tokens, caps, spend, ttl, slots, member)
+            await self._store.settle(due.windows, due.tokens, due.caps, due.spend, due.ttl_ms, due.slots, due.member)
         except StorageUnavailable:
-            store = self._store
-            store.retry_in_background(
-                "settle", lambda: store.settle(plan.token_windows, completion_tokens, caps, spend, ttl, slots, member,
-                                               verify),
-                _SETTLE_DELAYS_S,
-            )
+            self._retry_settle(due)
+
+    def settle_soon(self, admission: Admission, completion_tokens: int = 0, cost_micro_usd: int | None = None) -> None:
+        """`settle` without waiting for the store: the answer need not wait for it. It lands before the store's
+        `close()` returns, after any call this process made before it and before any it makes after it; a try
+        that fails is retried in the background like `settle`'s."""
+        due = self._settlement(admission, completion_tokens, cost_micro_usd)
+        if due is not None:
+            self._store.settle_soon(due.windows, due.tokens, due.caps, due.spend, due.ttl_ms, due.slots, due.member,
+                                    lambda: self._retry_settle(due))
 
     async def release(self, admission: Admission) -> None:
         """Free the request's parallel slots when it ends without a completion to charge."""

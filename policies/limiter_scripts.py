@@ -20,20 +20,24 @@ end
 
 CHECK_AND_TAKE = """\
 -- KEYS: window base keys (nw), slot sets (ns), spend totals (nc), then the void key of `member`.
--- ARGV: nw, ns, nc, member, lease_ms, take (0|1), estimate; then limit, window_ms, amount per window;
---       then the limit per slot set; then the cap per spend total.
+-- ARGV: nw, ns, nc, lease_ms, take (0|1); limit, window_ms per window; the limit per slot set; the cap per
+--       spend total; then member, estimate, and the amount per window (what changes from call to call last,
+--       so the rest of a call is encoded once per set of counters).
 -- Returns: allowed, now_ms, then previous, current, elapsed_ms per window; then slots in use
 --          per slot set; then spent, reserved per spend total. Times come from Redis so every host agrees.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local nw, ns, nc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local member, lease, take, estimate = ARGV[4], tonumber(ARGV[5]), ARGV[6] == '1', tonumber(ARGV[7])
+local lease, take = tonumber(ARGV[4]), ARGV[5] == '1'
+local slot_at = 6 + 2 * nw
+local cap_at = slot_at + ns
+local member, estimate = ARGV[cap_at + nc], tonumber(ARGV[cap_at + nc + 1])
+local amount_at = cap_at + nc + 2
 local out = {1, now}
 local ok = true
-local a = 8
 for i = 1, nw do
-  local limit, win, amount = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-  a = a + 3
+  local limit, win = tonumber(ARGV[4 + 2 * i]), tonumber(ARGV[5 + 2 * i])
+  local amount = tonumber(ARGV[amount_at + i - 1])
   local index = math.floor(now / win)
   local prev = tonumber(redis.call('GET', KEYS[i] .. ':' .. (index - 1))) or 0
   local curr = tonumber(redis.call('GET', KEYS[i] .. ':' .. index)) or 0
@@ -48,8 +52,7 @@ for j = 1, ns do
   local key = KEYS[nw + j]
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
   local used = redis.call('ZCARD', key)
-  if used >= tonumber(ARGV[a]) then ok = false end
-  a = a + 1
+  if used >= tonumber(ARGV[slot_at + j - 1]) then ok = false end
   out[#out + 1] = used
 end
 for k = 1, nc do
@@ -65,18 +68,15 @@ for k = 1, nc do
   end
   local spent = tonumber(redis.call('GET', key)) or 0
   local reserved = tonumber(redis.call('HGET', key .. ':rh', '_total')) or 0
-  local cap = tonumber(ARGV[a])
+  local cap = tonumber(ARGV[cap_at + k - 1])
   if spent >= cap or spent + reserved + estimate > cap then ok = false end
-  a = a + 1
   out[#out + 1] = spent
   out[#out + 1] = reserved
 end
 if ok and take and member ~= '' and redis.call('EXISTS', KEYS[#KEYS]) == 1 then take = false end
 if ok and take then
-  a = 8
   for i = 1, nw do
-    local win, amount = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-    a = a + 3
+    local win, amount = tonumber(ARGV[5 + 2 * i]), tonumber(ARGV[amount_at + i - 1])
     if amount > 0 then
       local key = KEYS[i] .. ':' .. math.floor(now / win)
       redis.call('INCRBY', key, amount)
@@ -105,12 +105,15 @@ return out
 
 SETTLE = _FREE_RESERVATION + """\
 -- KEYS: window base keys (nw), spend totals (nc), slot sets (the rest).
--- ARGV: nw, nc, member, verify (0|1); then window_ms, amount per window; then amount, ttl_ms per spend total.
+-- ARGV: nw, nc, window_ms per window; then verify (0|1), member, the amount for every window, the spend for
+--       every spend total, and ttl_ms per spend total.
 -- Frees `member`'s reservations and slots; with verify, charges only when it still held one (a retry
 -- after a try whose answer was lost must not charge twice). Returns 1 when it charged.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local nw, nc, member, verify = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4] == '1'
+local nw, nc = tonumber(ARGV[1]), tonumber(ARGV[2])
+local at = 3 + nw
+local verify, member, amount, spend = ARGV[at] == '1', ARGV[at + 1], tonumber(ARGV[at + 2]), tonumber(ARGV[at + 3])
 local held = false
 if member ~= '' then
   for k = 1, nc do
@@ -121,20 +124,16 @@ if member ~= '' then
   end
 end
 if verify and not held then return 0 end
-local a = 5
 for i = 1, nw do
-  local win, amount = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
-  a = a + 2
+  local win = tonumber(ARGV[2 + i])
   local key = KEYS[i] .. ':' .. math.floor(now / win)
   redis.call('INCRBY', key, amount)
   redis.call('PEXPIRE', key, win * 2)
 end
-for k = 1, nc do
-  local amount, ttl = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
-  a = a + 2
-  if amount > 0 then
-    redis.call('INCRBY', KEYS[nw + k], amount)
-    redis.call('PEXPIRE', KEYS[nw + k], ttl)
+if spend > 0 then
+  for k = 1, nc do
+    redis.call('INCRBY', KEYS[nw + k], spend)
+    redis.call('PEXPIRE', KEYS[nw + k], tonumber(ARGV[at + 3 + k]))
   end
 end
 return 1

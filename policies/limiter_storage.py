@@ -4,8 +4,8 @@ One call checks every counter a request touches and takes them all or none, so a
 by one limit never consumes another, and two processes on one Redis admit exactly N of N. The
 window is the sliding-window counter that `limits` uses (previous window weighted by the part of
 it still in view, plus the current one): two integers per window whatever the cost of a hit.
-Redis runs it as one Lua script (one round trip, atomic, Redis's clock for every host); memory
-runs the same steps without an await in between, which makes them atomic on the event loop.
+Redis runs it as one Lua script (atomic, Redis's clock for every host; policies/limiter_redis.py);
+memory runs the same steps without an await in between, which makes them atomic on the event loop.
 
 Every admission that holds something until it settles (a parallel slot, a budget reservation) does
 so under a lease id of its own that expires after `parallel_lease_s`, so a process that dies frees it.
@@ -20,15 +20,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
-
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
-
-from policies.limiter_scripts import CHECK_AND_TAKE, RELEASE, SETTLE
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 log = logging.getLogger("lockgate.limiter")
 
@@ -36,9 +28,6 @@ VOID_PREFIX = "lg:void:"
 # Background retries beyond this many at once are counted lost straight away: an outage must not pile up tasks.
 _MAX_PENDING_RETRIES = 2_000
 _LOST_LOG_INTERVAL_S = 10.0
-# redis-py's words for a connection it could not open or take from the pool: nothing was sent on it.
-# Should they change, a call is merely assumed sent, and compensated for without need.
-_NOT_SENT_MARKERS = ("connecting to", "No connection available")
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +53,7 @@ class CapSpec:
 WindowCount = tuple[int, int, int]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Snapshot:
     """Counter values after the call (with this request's amounts when it was admitted)."""
 
@@ -130,6 +119,7 @@ class CounterStore:
         self.on_lost = on_lost
         self._pending: set[asyncio.Task[None]] = set()
         self._lost_logged_at = float("-inf")
+        self._closed = False
 
     async def check_and_take(
         self, windows: Sequence[WindowSpec], amounts: Sequence[int], slots: Sequence[SlotSpec], caps: Sequence[CapSpec],
@@ -147,12 +137,22 @@ class CounterStore:
         with `verify` only if `member` still held something (so a retried settle charges once)."""
         raise NotImplementedError
 
+    def settle_soon(
+        self, windows: Sequence[WindowSpec], amount: int, caps: Sequence[CapSpec], spend: int, cap_ttl_ms: Sequence[int],
+        slots: Sequence[SlotSpec], member: str, on_failure: Callable[[], None],
+    ) -> None:
+        """`settle` without waiting for it: it lands before `close()` returns, or `on_failure` is called."""
+        raise NotImplementedError
+
     async def release(self, slots: Sequence[SlotSpec], caps: Sequence[CapSpec], member: str, lease_ms: int) -> None:
         """Void `member`: free what it holds now, and make an admission of it that runs later take nothing."""
         raise NotImplementedError
 
     def retry_in_background(self, kind: str, attempt: Callable[[], Awaitable[None]], delays_s: Sequence[float]) -> None:
         """Tries `attempt` after each delay until one succeeds, off the request's path; counted lost if none does."""
+        if self._closed:
+            self._count_lost(kind, "the gateway stopped first")
+            return
         if len(self._pending) >= _MAX_PENDING_RETRIES:
             self._count_lost(kind, "too many retries pending")
             return
@@ -191,6 +191,7 @@ class CounterStore:
             for task in list(self._pending):
                 task.cancel()
             await asyncio.gather(*self._pending, return_exceptions=True)
+        self._closed = True
 
 
 @dataclass(slots=True)
@@ -314,6 +315,18 @@ class MemoryCounterStore(CounterStore):
         self, windows: Sequence[WindowSpec], amount: int, caps: Sequence[CapSpec], spend: int, cap_ttl_ms: Sequence[int],
         slots: Sequence[SlotSpec], member: str, verify: bool = False,
     ) -> None:
+        self._settle(windows, amount, caps, spend, cap_ttl_ms, slots, member, verify)
+
+    def settle_soon(
+        self, windows: Sequence[WindowSpec], amount: int, caps: Sequence[CapSpec], spend: int, cap_ttl_ms: Sequence[int],
+        slots: Sequence[SlotSpec], member: str, on_failure: Callable[[], None],
+    ) -> None:
+        self._settle(windows, amount, caps, spend, cap_ttl_ms, slots, member, False)
+
+    def _settle(
+        self, windows: Sequence[WindowSpec], amount: int, caps: Sequence[CapSpec], spend: int, cap_ttl_ms: Sequence[int],
+        slots: Sequence[SlotSpec], member: str, verify: bool,
+    ) -> None:
         now_ms = int(time.time() * 1000)
         held = self._free(slots, caps, member) if member else False
         if verify and not held:
@@ -331,105 +344,6 @@ class MemoryCounterStore(CounterStore):
         self._free(slots, caps, member)
 
 
-class RedisCounterStore(CounterStore):
-    def __init__(
-        self,
-        uri: str,
-        timeout_s: float,
-        max_connections: int,
-        on_error: Callable[[str], None] | None = None,
-        on_lost: Callable[[str], None] | None = None,
-    ) -> None:
-        super().__init__(on_error, on_lost)
-        self.uri = redact_dsn(uri)
-        password = urlsplit(uri).password or ""
-        # Belt and braces: no driver message is known to quote them, but none may ever reach a log.
-        self._secrets = [uri, *{s for s in (password, unquote(password)) if len(s) >= 4}]
-        self._timeout_s = timeout_s
-        # A blocking pool makes a burst wait for a free connection instead of failing with
-        # "Too many connections"; no retries, so a dead Redis answers within the timeout.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            uri,
-            max_connections=max_connections,
-            timeout=timeout_s,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
-        )
-        self._client = aioredis.Redis(connection_pool=pool)
-        self._check = self._client.register_script(CHECK_AND_TAKE)
-        self._settle = self._client.register_script(SETTLE)
-        self._release = self._client.register_script(RELEASE)
-        self._healthy = True
-
-    def _scrub(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
-
-    async def _run(self, script: AsyncScript, keys: list[str], args: list[object]) -> list[int]:
-        try:
-            # The outer deadline also covers waiting for a pooled connection and a script reload.
-            async with asyncio.timeout(self._timeout_s * 3):
-                result = await script(keys=keys, args=args)
-        except (RedisError, OSError, TimeoutError) as exc:
-            self.errors += 1
-            reason = self._scrub(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
-            if self._healthy:
-                log.warning("limiter storage %s unreachable: %s", self.uri, reason)
-                self._healthy = False
-            if self.on_error is not None:
-                self.on_error(reason)
-            raise StorageUnavailable(reason, not any(m in str(exc) for m in _NOT_SENT_MARKERS)) from exc
-        if not self._healthy:
-            log.warning("limiter storage %s reachable again", self.uri)
-            self._healthy = True
-        return result
-
-    async def check_and_take(
-        self, windows: Sequence[WindowSpec], amounts: Sequence[int], slots: Sequence[SlotSpec], caps: Sequence[CapSpec],
-        member: str, lease_ms: int, estimate: int = 0, take: bool = True,
-    ) -> Snapshot:
-        keys = [w.key for w in windows] + [s.key for s in slots] + [c.key for c in caps]
-        if member:
-            keys.append(VOID_PREFIX + member)
-        args: list[object] = [len(windows), len(slots), len(caps), member, lease_ms, int(take), estimate]
-        for spec, amount in zip(windows, amounts, strict=True):
-            args += (spec.limit, spec.window_ms, amount)
-        args += [s.limit for s in slots]
-        args += [c.cap for c in caps]
-        out = await self._run(self._check, keys, args)
-        at = 2 + 3 * len(windows)
-        counts = [(int(out[i]), int(out[i + 1]), int(out[i + 2])) for i in range(2, at, 3)]
-        in_use = [int(v) for v in out[at : at + len(slots)]]
-        totals = out[at + len(slots) :]
-        return Snapshot(out[0] == 1, counts, in_use, [int(v) for v in totals[::2]], [int(v) for v in totals[1::2]])
-
-    async def settle(
-        self, windows: Sequence[WindowSpec], amount: int, caps: Sequence[CapSpec], spend: int, cap_ttl_ms: Sequence[int],
-        slots: Sequence[SlotSpec], member: str, verify: bool = False,
-    ) -> None:
-        if amount <= 0:
-            windows = ()
-        if not windows and not caps and not slots:
-            return
-        keys = [w.key for w in windows] + [c.key for c in caps] + [s.key for s in slots]
-        args: list[object] = [len(windows), len(caps), member, int(verify)]
-        for spec in windows:
-            args += (spec.window_ms, amount)
-        for ttl_ms in cap_ttl_ms:
-            args += (spend, ttl_ms)
-        await self._run(self._settle, keys, args)
-
-    async def release(self, slots: Sequence[SlotSpec], caps: Sequence[CapSpec], member: str, lease_ms: int) -> None:
-        keys = [s.key for s in slots] + [c.key for c in caps] + [VOID_PREFIX + member]
-        await self._run(self._release, keys, [len(slots), member, lease_ms])
-
-    async def close(self, grace_s: float | None = None) -> None:
-        await super().close(self._timeout_s * 3 if grace_s is None else grace_s)
-        await self._client.aclose()
-
-
 def open_counter_store(
     uri: str,
     timeout_s: float = 0.5,
@@ -437,9 +351,15 @@ def open_counter_store(
     on_error: Callable[[str], None] | None = None,
     on_lost: Callable[[str], None] | None = None,
 ) -> CounterStore:
-    """`memory://` for one process; `redis://host:port/db` (or `rediss://`) shared by many."""
+    """`memory://` for one process; `redis://host:port/db` (or `rediss://`) shared by many.
+
+    `max_connections` is a bound the Redis store always keeps: it pipelines every call over one connection."""
     if uri == "memory://":
         return MemoryCounterStore(on_error, on_lost)
     if uri.startswith(("redis://", "rediss://")):
-        return RedisCounterStore(uri, timeout_s, max_connections, on_error, on_lost)
+        return RedisCounterStore(uri, timeout_s, on_error, on_lost)
     raise ValueError(f"unsupported limiter storage {redact_dsn(uri)!r}: use memory:// or redis://host:port")
+
+
+# Last, as it builds on the classes above; importable from here like every store.
+from policies.limiter_redis import RedisCounterStore  # noqa: E402

@@ -202,7 +202,8 @@ class LimiterConfig(Strict):
     storage: str = Field("memory://", pattern=r"^(memory://|redis(s)?://.+)$")
     on_error: Literal["deny", "allow"] = "deny"
     timeout_ms: int = Field(500, gt=0, description="longest wait for the shared store before on_error applies")
-    max_connections: int = Field(64, ge=1, description="Redis connections per gateway process")
+    max_connections: int = Field(64, ge=1, description="an upper bound on Redis connections per gateway process; "
+                                 "the limiter keeps it with one: every call of a process shares one pipelined connection")
     parallel_lease_s: float = Field(
         900.0, gt=0, description="a max_parallel slot or budget reservation a dead process never released frees itself "
         "after this"
