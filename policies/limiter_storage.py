@@ -259,11 +259,22 @@ class MemoryCounterStore(CounterStore):
         allowed = True
         counts = []
         records = []
+        # _window and window_blocks, inline: this loop runs for every limit of every request.
+        known = self._windows
         for spec, amount in zip(windows, amounts, strict=True):
-            record = self._window(spec, now_ms)
-            count = (record[1], record[2], now_ms - record[0] * spec.window_ms)
-            allowed = allowed and not window_blocks(count, spec.limit, spec.window_ms, amount)
-            counts.append(count)
+            window_ms, limit = spec.window_ms, spec.limit
+            index = now_ms // window_ms
+            record = known.get(spec.key)
+            if record is None:
+                record = known[spec.key] = [index, 0, 0]
+            elif record[0] != index:
+                record[1] = record[2] if record[0] == index - 1 else 0
+                record[0], record[2] = index, 0
+            previous, current, elapsed_ms = record[1], record[2], now_ms - index * window_ms
+            weighted = previous * (window_ms - elapsed_ms) // window_ms + current
+            if weighted + amount > limit or weighted >= limit:
+                allowed = False
+            counts.append((previous, current, elapsed_ms))
             records.append(record)
         in_use = []
         for slot in slots:
