@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
-from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from guardrails.hidden_packages import hidden_packages
+from guardrails.hidden_packages import deferred_modules, hidden_packages, load_deferred
 
 # tldextract (the e-mail recognizer's validator) fetches the public-suffix list online on first use
 # unless this is empty; the snapshot bundled with it is used instead. It must be set before import.
@@ -33,6 +34,15 @@ PHONE_SCORE = 0.6
 # look absent, Presidio's transformers engine and thinc's PyTorch layers stay off in this process; spaCy's
 # CNN pipelines (the NER model) do not need them.
 NLP_MODEL_PACKAGES = ("torch", "transformers")
+# spaCy's package imports its command line at import, for `spacy.info`: typer, weasel, httpx, jinja2 and a YAML
+# file parsed, ~12 MB and a fifth of Presidio's start-up CPU that neither engine uses. It runs once called into.
+SPACY_COMMAND_LINE = {"spacy.cli": (), "spacy.cli.info": ("info",)}
+# The anonymizer's encrypt and decrypt operators (unused: masks replace) load `cryptography`'s bindings, ~7 MB.
+ANONYMIZER_CIPHER = {"presidio_anonymizer.operators.aes_cipher": ("AESCipher",)}
+# Presidio compiles each of the ~170 patterns it ships when it defines them, only to check them (~0.4 s CPU, most
+# of it URL's alternation of ~1,500 domain suffixes), and again with its flags when a recognizer first runs. Its own
+# patterns are checked by its tests; patterns made once the import is done are checked as before.
+PATTERN_CHECK = "_Pattern__validate_regex"
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,9 +84,34 @@ def supported_entities(key: EngineKey) -> frozenset[str]:
     return frozenset(analyzer_for(key).get_supported_entities(language=key.language))
 
 
-def _presidio_import(ner: bool) -> AbstractContextManager[None]:
+@contextmanager
+def _presidio_import(ner: bool) -> Iterator[None]:
     """Where Presidio is first imported: without the NLP model packages unless a spaCy NER engine is wanted."""
-    return nullcontext() if ner else hidden_packages(NLP_MODEL_PACKAGES)
+    deferred = {**SPACY_COMMAND_LINE, **ANONYMIZER_CIPHER, "presidio_analyzer": ()}
+    with deferred_modules(deferred), hidden_packages(() if ner else NLP_MODEL_PACKAGES):
+        _import_analyzer()
+        yield
+
+
+def _import_analyzer() -> None:
+    """presidio_analyzer's first import in this process, its shipped patterns left unchecked."""
+    if "presidio_analyzer" in sys.modules:
+        return
+    import presidio_analyzer
+    from presidio_analyzer.pattern import Pattern
+
+    check = Pattern.__dict__.get(PATTERN_CHECK)
+    if check is not None:
+        setattr(Pattern, PATTERN_CHECK, staticmethod(_unchecked))
+    try:
+        load_deferred(presidio_analyzer)
+    finally:
+        if check is not None:
+            setattr(Pattern, PATTERN_CHECK, check)
+
+
+def _unchecked(pattern: str) -> None:
+    return None
 
 
 def _build_analyzer(key: EngineKey) -> AnalyzerEngine:
@@ -116,10 +151,14 @@ def _ner_engine(language: str) -> object:
     return engine
 
 
-def warm_up_engines(keys: Sequence[EngineKey]) -> None:
-    """Import Presidio, build each analyzer and run one analysis so the first request pays nothing."""
+def warm_up_engines(keys: Sequence[EngineKey], entities: Sequence[str]) -> None:
+    """Import Presidio, build each analyzer and run one analysis so the first request pays nothing.
+
+    Only the recognizers of `entities` run: each compiles its patterns on first use, and the ones no request asks
+    for (~0.3 s CPU, most of it URL's alternation of ~1,500 domain suffixes) need not be compiled at start.
+    """
     sample = "warm-up: mail a.b@example.com, call +1 415 555 0132, card 4111 1111 1111 1111, ip 10.0.0.1"
     for key in keys:
         engine = analyzer_for(key)
-        results = engine.analyze(sample, language=key.language, score_threshold=0.5)
+        results = engine.analyze(sample, language=key.language, entities=list(entities), score_threshold=0.5) if entities else []
         anonymizer().anonymize(sample, results)

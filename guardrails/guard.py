@@ -98,7 +98,7 @@ class Guardrails:
 
     def warm_up(self) -> None:
         """Run one analysis so the first request does not pay Presidio's first-call cost (blocking)."""
-        warm_up_engines([self.detector.key])
+        warm_up_engines([self.detector.key], self.detector.entities)
 
     def scan_text(self, text: str, direction: Direction, pii: Action, patterns: Action) -> Verdict:
         """Scan one string on the calling thread; Verdict.body is the (masked) text."""

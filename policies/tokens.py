@@ -68,6 +68,9 @@ def encoding_for(model: str) -> tiktoken.Encoding:
         name = "cl100k_base"
     install_offline_encodings()
     encoding = tiktoken.get_encoding(name)
+    # The Rust core keeps its own copy of the ranks for every encode and decode; the Python dict (~27 MB for
+    # o200k_base) serves only to pickle an encoding the registry does not hold, and this one it holds.
+    encoding.__dict__.pop("_mergeable_ranks", None)
     _by_model[model] = encoding
     return encoding
 

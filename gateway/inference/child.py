@@ -13,21 +13,22 @@ import os
 import pickle
 import signal
 import struct
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
-
-from clickhouse_connect.driver.client import Client
-from clickhouse_connect.driver.exceptions import DataError
+from typing import TYPE_CHECKING, Any
 
 from gateway.inference.rows import COLUMNS, batch_token, safe_row
 from gateway.inference.spool import Spool
 from gateway.inference.store import DEDUP_SETTINGS, connect, migrate
 from gateway.inference.wire import decode_frames
+
+if TYPE_CHECKING:
+    from clickhouse_connect.driver.client import Client
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +38,11 @@ REQUEST_ID = struct.Struct("<Q")
 MIN_RETRY_S = 0.5
 NICENESS = 10
 MAX_RETRY_S = 30.0
-# Errors that say the batch itself cannot be encoded: replaying it would fail forever and block the spool.
-POISON_ERRORS = (DataError, TypeError, ValueError, OverflowError)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 UNTYPABLE = "untypable"
+# What chdb and clickhouse-connect import when installed and do without otherwise: Arrow results, DataFrame and
+# array inserts. Rows here are lists and results tuples, so in this process they would only cost ~75 MB resident.
+UNUSED_OPTIONAL_PACKAGES = ("numpy", "pandas", "polars", "pyarrow")
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,9 @@ def main(fd: int) -> None:
         signal.signal(signum, signal.SIG_IGN)
     # Background work: when CPUs are short, the gateway's event loop gets them first and this catches up later.
     os.nice(NICENESS)
+    # A None entry makes `import numpy` raise ImportError, the answer those libraries expect when it is absent.
+    for name in UNUSED_OPTIONAL_PACKAGES:
+        sys.modules.setdefault(name, None)
     conn = Connection(fd)
     try:
         options = pickle.loads(conn.recv_bytes())
@@ -73,8 +78,13 @@ def main(fd: int) -> None:
 
 class ChildWriter:
     def __init__(self, conn: Connection, options: ChildOptions) -> None:
+        # The gateway's process imports this module for its protocol alone: the driver loads here, in the writer.
+        from clickhouse_connect.driver.exceptions import DataError
+
         self.conn = conn
         self.options = options
+        # Errors that say the batch itself cannot be encoded: replaying it would fail forever and block the spool.
+        self.poison_errors = (DataError, TypeError, ValueError, OverflowError)
         self.spool = Spool(options.spool_dir, owner=False)
         self.client: Client | None = None
         self.retry_at = 0.0
@@ -142,7 +152,7 @@ class ChildWriter:
         try:
             self.insert(decode_frames(frames))
             return "written"
-        except POISON_ERRORS:
+        except self.poison_errors:
             log.exception("inference batch could not be encoded; the gateway spools it")
         except Exception as error:
             self.lost_connection(error)
@@ -174,7 +184,7 @@ class ChildWriter:
             return
         try:
             self.insert(records)
-        except POISON_ERRORS:
+        except self.poison_errors:
             log.exception("spooled batch %s cannot be encoded; moved to %s", path, self.spool.rejected_directory)
             self.settle(path, "rejected")
             return

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-
-import clickhouse_connect
-from clickhouse_connect.driver.client import Client
+from typing import TYPE_CHECKING
 
 import dashboards
+
+if TYPE_CHECKING:
+    from clickhouse_connect.driver.client import Client
 
 SQL_DIR = Path(dashboards.__file__).resolve().parent / "sql"
 CHDB_PREFIX = "chdb://"
@@ -27,6 +28,10 @@ def chdb_path(dsn: str) -> str:
 
 def connect(dsn: str, database: str | None = None) -> Client:
     """A clickhouse-connect client for `chdb:///path` (embedded engine) or `http(s)://user:pass@host:port`."""
+    # Imported here: the gateway's process imports this module (for the DSN checks) but talks to ClickHouse only
+    # through the writer process.
+    import clickhouse_connect
+
     if is_embedded(dsn):
         # clickhouse-connect reads chdb://a/b as location "a", database "b"; ours is always a folder path.
         path = chdb_path(dsn)

@@ -1,4 +1,5 @@
-"""Presidio loads without torch and transformers (hundreds of MB) when no guardrail needs an NLP model.
+"""Presidio loads without torch and transformers (hundreds of MB) when no guardrail needs an NLP model, and
+without what it imports for features the guardrails do not use (spaCy's command line, the anonymizer's cipher).
 
 Each check runs in a fresh interpreter: the test process has imported Presidio already, and torch with it.
 """
@@ -74,6 +75,73 @@ print(json.dumps(seen))
 """
 
 
+# Loaded later, when something uses it: spaCy's command line (typer, weasel, httpx, jinja2) and the cipher.
+UNUSED_PARTS = """
+import json, sys
+from guardrails import Guardrails
+from guardrails.engine import analyzer_for
+
+guard = Guardrails(["EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE", "US_SSN", "IP_ADDRESS"])
+guard.warm_up()
+loaded = sorted(name for name in ("typer", "weasel", "httpx", "jinja2", "cryptography") if name in sys.modules)
+engine = analyzer_for(guard.detector.key)
+url_compiled = [p.name for r in engine.registry.recognizers if r.name == "UrlRecognizer" for p in r.patterns
+                if p.compiled_regex is not None]
+# Every regex Presidio compiles lands in the regex module's cache: a request after the warm-up adds none (an IBAN
+# would: its country's format is compiled when the first IBAN of that country is seen).
+import regex._main
+compiled_before = len(regex._main._cache)
+text = "mail jane.doe@example.com, call +1 415 555 0132, card 4111 1111 1111 1111, host 192.168.1.20"
+verdict = guard.scan_text(text, "input", "mask", "off")
+compiled_by_request = len(regex._main._cache) - compiled_before
+
+from presidio_analyzer import Pattern
+try:
+    Pattern("broken", "(unclosed", 0.5)
+    broken_pattern = "accepted"
+except ValueError:
+    broken_pattern = "rejected"
+
+import spacy
+from spacy.cli import download
+from presidio_anonymizer import AnonymizerEngine, DeanonymizeEngine
+from presidio_anonymizer.entities import OperatorConfig, RecognizerResult
+
+key = "WmZq4t7w!z%C&F)J"
+found = [RecognizerResult("EMAIL_ADDRESS", 5, 12, 0.9)]
+sealed = AnonymizerEngine().anonymize("mail a@b.com", found, {"EMAIL_ADDRESS": OperatorConfig("encrypt", {"key": key})})
+opened = DeanonymizeEngine().deanonymize(sealed.text, sealed.items, {"DEFAULT": OperatorConfig("decrypt", {"key": key})})
+print(json.dumps({"loaded": loaded, "compiled_by_request": compiled_by_request, "url_compiled": url_compiled,
+                  "masked": verdict.body, "broken_pattern": broken_pattern, "spacy_version": spacy.info()["spacy_version"],
+                  "download": callable(download), "opened": opened.text, "sealed": sealed.text != "mail a@b.com"}))
+"""
+
+DEFERRED = """
+import json, sys, threading
+sys.path.insert(0, {folder!r})
+from guardrails.hidden_packages import deferred_modules
+
+seen = {{}}
+def import_in_other_thread():
+    import eager
+    seen["other_thread_ran"] = "LOADED" in eager.__dict__
+with deferred_modules({{"heavy": ("compute",), "heavypkg": (), "eager": ()}}):
+    import heavy
+    from heavy import compute
+    import heavypkg.sub
+    worker = threading.Thread(target=import_in_other_thread)
+    worker.start()
+    worker.join()
+seen["ran_at_import"] = "LOADED" in heavy.__dict__
+seen["compute"] = compute(2)
+seen["ran_once_used"] = heavy.LOADED
+seen["submodule"] = heavypkg.sub.SUB
+seen["package_ran_for_submodule"] = "LOADED" in heavypkg.__dict__
+seen["package_value"] = heavypkg.VALUE
+seen["missing"] = hasattr(heavy, "nothing")
+print(json.dumps(seen))
+"""
+
 def _run(script: str) -> dict:
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
@@ -97,3 +165,28 @@ def test_ner_turned_on_after_a_pattern_only_import_still_finds_names() -> None:
 
 def test_packages_are_hidden_from_the_importing_thread_only_and_only_inside() -> None:
     assert _run(OTHER_THREAD) == {"this_thread": "hidden", "other_thread": "colorsys", "after": "colorsys"}
+
+
+def test_guardrails_leave_unused_parts_unloaded_and_the_warm_up_covers_what_requests_use() -> None:
+    result = _run(UNUSED_PARTS)
+    assert result["loaded"] == []
+    assert result["compiled_by_request"] == 0
+    assert result["url_compiled"] == []
+    assert result["masked"] == "mail <EMAIL_ADDRESS>, call <PHONE_NUMBER>, card **** **** **** 1111, host <IP_ADDRESS>"
+    # Presidio checks patterns made after its import as it always did.
+    assert result["broken_pattern"] == "rejected"
+    # What stayed unloaded loads when used.
+    assert result["spacy_version"] and result["download"] is True
+    assert result["sealed"] is True and result["opened"] == "mail a@b.com"
+
+
+def test_deferred_modules_run_on_first_use_only_in_the_importing_thread(tmp_path: Path) -> None:
+    (tmp_path / "heavy.py").write_text("LOADED = True\n\ndef compute(x):\n    return x * 21\n")
+    (tmp_path / "eager.py").write_text("LOADED = True\n")
+    (tmp_path / "heavypkg").mkdir()
+    (tmp_path / "heavypkg" / "__init__.py").write_text("LOADED = True\nVALUE = 7\n")
+    (tmp_path / "heavypkg" / "sub.py").write_text("SUB = 1\n")
+    assert _run(DEFERRED.format(folder=str(tmp_path))) == {
+        "other_thread_ran": True, "ran_at_import": False, "compute": 42, "ran_once_used": True, "submodule": 1,
+        "package_ran_for_submodule": False, "package_value": 7, "missing": False,
+    }

@@ -1,12 +1,13 @@
 from __future__ import annotations
 
 import hashlib
+import pickle
 from pathlib import Path
 
 import pytest
 import tiktoken
 
-from policies.tokens import count_prompt_tokens, count_text_tokens, install_offline_encodings
+from policies.tokens import count_prompt_tokens, count_text_tokens, encoding_for, install_offline_encodings
 
 # OpenAI cookbook "How to count tokens with tiktoken": these messages are 129 prompt tokens for
 # gpt-3.5-turbo and gpt-4 (cl100k_base), as the API reports them.
@@ -95,3 +96,12 @@ def test_hostile_nesting_is_counted_without_error() -> None:
     calls = [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}, "x": nested(300, 2**70)}]
     message = {"role": "assistant", "content": None, "tool_calls": calls}
     assert count_prompt_tokens("gpt-4o", "chat", {"messages": [message]}) > 0
+
+
+def test_an_encoding_kept_without_its_python_ranks_still_pickles_and_decodes() -> None:
+    encoding = encoding_for("gpt-4o")
+    copy = pickle.loads(pickle.dumps(encoding))
+    tokens = encoding.encode("Übermäßig lange Wörter, 東京, and emoji 🎉")
+    assert copy.encode("Übermäßig lange Wörter, 東京, and emoji 🎉") == tokens
+    assert encoding.decode(tokens) == "Übermäßig lange Wörter, 東京, and emoji 🎉"
+    assert encoding.n_vocab == 200_019
