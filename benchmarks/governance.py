@@ -317,6 +317,8 @@ CPU_JSON, CPU_STREAM, P99_AT_1 = "gateway CPU ms/req, JSON @N", "gateway CPU ms/
 REDIS_JSON, REDIS_STREAM = "  redis-server CPU ms/req, JSON @N", "  redis-server CPU ms/req, stream @N"
 IDLE_RSS, PEAK_RSS = "idle RSS MB, whole tree", "peak RSS MB, whole tree, under load"
 START, LAG = "start to first answer s", "max event-loop lag ms, all phases"
+# At one connection the cores are not all busy, so a late timer is the gateway's own stall, not a wait for a core.
+LAG_AT_1 = "max event-loop lag ms, JSON @1"
 FIGURES: dict[str, tuple[int, Callable[[dict], float | None]]] = {  # table row: (digits, value)
     CPU_JSON: (3, at("json_n", "cpu_ms_per_request")),
     CPU_STREAM: (3, at("stream_n", "cpu_ms_per_request")),
@@ -331,6 +333,7 @@ FIGURES: dict[str, tuple[int, Callable[[dict], float | None]]] = {  # table row:
     IDLE_RSS: (0, lambda figures: figures["idle_rss_mb"]),
     PEAK_RSS: (0, over_phases("peak_rss_mb", max)),
     START: (2, lambda figures: figures["start_s"]),
+    LAG_AT_1: (2, at("json_1", "loop_lag_max_ms")),
     LAG: (2, over_phases("loop_lag_max_ms", max)),
     "event-loop lags over 5 ms, all phases": (0, over_phases("loop_lag_over_5ms", sum)),
     "load generator CPU ms/req, JSON @N": (3, at("json_n", "loadgen_cpu_ms_per_request")),
@@ -405,7 +408,7 @@ def goals(full_names: dict[str, str], connections: int) -> list[Goal]:
                for name, label in full_names.items()]
     listed += [Goal(f"start to first answer s, {label}", own(name, START), GOALS["start_s"], " s")
                for name, label in {"rbac": "RBAC only", **full_names}.items()]
-    listed += [Goal(f"max event-loop lag ms, {label}", own(name, LAG),
+    listed += [Goal(f"max event-loop lag ms @1, {label}", own(name, LAG_AT_1),
                     GOALS["loop_lag_ms"], " ms", every_round=True) for name, label in full_names.items()]
     listed.append(Goal(f"requests/s 2 workers / 1 worker, JSON @{connections}",
                        lambda measured: measured["full-server-dsn-2w"]["phases"]["json_n"]["rps"]
