@@ -19,6 +19,14 @@ from tests.conftest import sdk
 from tests.fakes.openai_upstream import Answer, FakeOpenAI
 from tests.guardrails.fields import EMAIL, ENCODING, HI, REQUESTS
 
+TABLE = """inference_table:
+  enabled: true
+  clickhouse: "chdb://{chdb}"
+  spool_dir: "{spool}"
+  flush_interval_ms: 50
+  mask_pii: true
+"""
+
 POLICY = """
 providers:
   up: {{type: openai, base_url: "{url}"}}
@@ -35,13 +43,7 @@ routes:
   open: {{targets: [{{provider: up, model: gpt-4o-mini}}]}}
 guardrails:
   pii: {{entities: [EMAIL_ADDRESS, CREDIT_CARD]}}
-inference_table:
-  enabled: true
-  clickhouse: "chdb://{chdb}"
-  spool_dir: "{spool}"
-  flush_interval_ms: 50
-  mask_pii: true
-"""
+""" + TABLE
 
 CARD = "4111 1111 1111 1111"
 # An e-mail address and a card number, each split across stream pieces.
@@ -232,13 +234,7 @@ routes:
 guardrails:
   pii: {{entities: [EMAIL_ADDRESS, CREDIT_CARD]}}
   patterns: [{{name: codename, regex: "BLUEBIRD-\\\\d+"}}]
-inference_table:
-  enabled: true
-  clickhouse: "chdb://{chdb}"
-  spool_dir: "{spool}"
-  flush_interval_ms: 50
-  mask_pii: true
-"""
+""" + TABLE
 
 
 async def test_only_what_the_route_read_whole_skips_masking_in_the_table(

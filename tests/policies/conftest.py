@@ -16,3 +16,12 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[CounterStore]:
     counters = open_counter_store(uri)
     yield counters
     await counters.close()
+
+
+@pytest.fixture
+async def slow_store(own_redis: RedisServer) -> AsyncIterator[CounterStore]:
+    """A Redis store that gives up after 0.1 s, on a server the test may freeze (resumed before the store closes)."""
+    store = open_counter_store(own_redis.url, timeout_s=0.1)
+    yield store
+    own_redis.resume()
+    await store.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -26,14 +25,6 @@ async def _usage(url: str, scope: str = "user:alice", policy: Any = PARALLEL_AND
         return await Governor(policy, store).counters(scope)
     finally:
         await store.close()
-
-
-@pytest.fixture
-async def slow_store(own_redis: Any) -> AsyncIterator[CounterStore]:
-    store = open_counter_store(own_redis.url, timeout_s=0.1)
-    yield store
-    own_redis.resume()
-    await store.close()
 
 
 async def _warm(gov: Governor) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -22,14 +21,6 @@ from tests.redis_server import free_port
 ALICE = Principal("k-alice", "alice", ("eng",))
 BOB = Principal("k-bob", "bob", ("eng",))
 BUDGET = [{"scope": "user", "usd": 1, "per": "day"}]
-
-
-@pytest.fixture
-async def slow_store(own_redis: Any) -> AsyncIterator[CounterStore]:
-    store = open_counter_store(own_redis.url, timeout_s=0.1)
-    yield store
-    own_redis.resume()
-    await store.close()
 
 
 async def _warm(gov: Governor, store: CounterStore) -> None:
