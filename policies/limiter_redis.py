@@ -22,6 +22,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
+from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
@@ -53,16 +54,19 @@ _TemplateKey = tuple[object, ...]
 _Template = tuple[tuple[Sequence[object], ...], object]
 _MAX_TEMPLATES = 10_000
 _VOID = VOID_PREFIX.encode()
+SCRIPTS = (CHECK_AND_TAKE, SETTLE, RELEASE)
 # A future for a caller that awaits the reply; a callback (reply or CallFailed) for one that does not.
 Waiter = asyncio.Future[Reply] | Callable[[Reply], None]
 
 
 class CallFailed(Exception):
-    """No reply; `sent` is False only when the call provably never left this process."""
+    """No reply; `sent` is False only when the call provably never left this process. `refusal` is the error
+    Redis answered, if it answered one (on a cluster, a redirect: the call did not run there)."""
 
-    def __init__(self, reason: str, sent: bool) -> None:
+    def __init__(self, reason: str, sent: bool, refusal: ResponseError | None = None) -> None:
         super().__init__(reason)
         self.sent = sent
+        self.refusal = refusal
 
 
 def bulks(*parts: bytes) -> bytes:
@@ -75,12 +79,17 @@ def pack(*parts: bytes) -> bytes:
     return b"*%d\r\n" % len(parts) + bulks(*parts)
 
 
+def digests(scripts: Sequence[str]) -> list[bytes]:
+    """What EVALSHA names each script by."""
+    return [hashlib.sha1(script.encode()).hexdigest().encode() for script in scripts]
+
+
 def _describe(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _deliver(waiter: Waiter, reply: Reply) -> None:
+def deliver(waiter: Waiter, reply: Reply) -> None:
     if isinstance(waiter, asyncio.Future):
         if waiter.done():
             return
@@ -104,7 +113,7 @@ class RedisPipeline:
         )
         self._connection = pool.make_connection()
         self._timeout_s = timeout_s
-        self.shas = [hashlib.sha1(script.encode()).hexdigest().encode() for script in scripts]
+        self.shas = digests(scripts)
         self._loads = b"".join([pack(b"SCRIPT", b"LOAD", script.encode()) for script in scripts])
         self._loaded = False
         self._queue: list[tuple[bytes, Waiter, bool]] = []
@@ -122,7 +131,7 @@ class RedisPipeline:
 
     def _enqueue(self, command: bytes, waiter: Waiter) -> None:
         if len(self._queue) >= _MAX_QUEUED:
-            _deliver(waiter, CallFailed(f"more than {_MAX_QUEUED} limiter calls waiting for Redis", sent=False))
+            deliver(waiter, CallFailed(f"more than {_MAX_QUEUED} limiter calls waiting for Redis", sent=False))
             return
         self._queue.append((command, waiter, False))
         if self._flusher is None:
@@ -170,9 +179,9 @@ class RedisPipeline:
                             continue
                         reply = CallFailed(_describe(exc), sent=False)
                     except ResponseError as exc:
-                        reply = CallFailed(_describe(exc), sent=True)
+                        reply = CallFailed(_describe(exc), sent=True, refusal=exc)
                     answered += 1
-                    _deliver(waiter, reply)
+                    deliver(waiter, reply)
                 self._queue[:0] = again
         except asyncio.CancelledError:
             self._fail(again, "the gateway stopped first", sent=False)
@@ -188,7 +197,7 @@ class RedisPipeline:
     @staticmethod
     def _fail(calls: list[tuple[bytes, Waiter, bool]], reason: str, sent: bool) -> None:
         for _, waiter, _ in calls:
-            _deliver(waiter, CallFailed(reason, sent))
+            deliver(waiter, CallFailed(reason, sent))
 
     async def _drop(self) -> None:
         self._loaded = False
@@ -212,7 +221,29 @@ class RedisPipeline:
         await self._drop()
 
 
+class Pipeline(Protocol):
+    """Carries the store's calls: RedisPipeline to one Redis, ClusterPipeline to the node of a cluster that owns them."""
+
+    shas: list[bytes]
+
+    async def call(self, command: bytes) -> Reply: ...
+
+    def send(self, command: bytes, done: Callable[[Reply], None]) -> None: ...
+
+    async def drain(self, timeout_s: float) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def spend_keys(tag: bytes, caps: Sequence[CapSpec]) -> list[bytes]:
+    """The three keys of each spend total (the total, its reservations' expiry times and amounts)."""
+    return [tag + cap.key.encode() + suffix for cap in caps for suffix in (b"", b":rz", b":rh")]
+
+
 class RedisCounterStore(CounterStore):
+    # Prepended to every key the scripts touch: a cluster store's hash tag (see policies/limiter_cluster.py).
+    key_tag = b""
+
     def __init__(
         self,
         uri: str,
@@ -226,10 +257,14 @@ class RedisCounterStore(CounterStore):
         # Belt and braces: no driver message is known to quote them, but none may ever reach a log.
         self._secrets = [uri, *{s for s in (password, unquote(password)) if len(s) >= 4}]
         self._timeout_s = timeout_s
-        self._pipeline = RedisPipeline(uri, timeout_s, (CHECK_AND_TAKE, SETTLE, RELEASE))
+        self._pipeline = self._open(uri, timeout_s)
         self._check, self._settle, self._release = self._pipeline.shas
+        self._void = self.key_tag + _VOID
         self._healthy = True
         self._templates: dict[_TemplateKey, _Template] = {}
+
+    def _open(self, uri: str, timeout_s: float) -> Pipeline:
+        return RedisPipeline(uri, timeout_s, SCRIPTS)
 
     def _scrub(self, text: str) -> str:
         for secret in self._secrets:
@@ -271,7 +306,8 @@ class RedisCounterStore(CounterStore):
     def _check_template(
         self, windows: Sequence[WindowSpec], slots: Sequence[SlotSpec], caps: Sequence[CapSpec], lease_ms: int, take: bool
     ) -> tuple[bytes, bytes]:
-        keys = [w.key.encode() for w in windows] + [s.key.encode() for s in slots] + [c.key.encode() for c in caps]
+        tag = self.key_tag
+        keys = [tag + w.key.encode() for w in windows] + [tag + s.key.encode() for s in slots] + spend_keys(tag, caps)
         fixed = [b"%d" % len(windows), b"%d" % len(slots), b"%d" % len(caps), b"%d" % lease_ms, b"1" if take else b"0"]
         for spec in windows:
             fixed += (b"%d" % spec.limit, b"%d" % spec.window_ms)
@@ -295,7 +331,7 @@ class RedisCounterStore(CounterStore):
         head, fixed = found[1]  # type: ignore[misc]
         name = member.encode()
         out = await self._call(b"".join([
-            head, b"$%d\r\n%s%s\r\n" % (len(_VOID) + len(name), _VOID, name), fixed,
+            head, b"$%d\r\n%s%s\r\n" % (len(self._void) + len(name), self._void, name), fixed,
             bulks(name, b"%d" % estimate, *[b"%d" % amount for amount in amounts]),
         ]))
         at = 2 + 3 * len(windows)
@@ -316,7 +352,8 @@ class RedisCounterStore(CounterStore):
         key = (id(windows), id(caps), id(slots))
         found = self._templates.get(key)
         if found is None or found[0] != (windows, caps, slots):
-            keys = [w.key.encode() for w in windows] + [c.key.encode() for c in caps] + [s.key.encode() for s in slots]
+            tag = self.key_tag
+            keys = [tag + w.key.encode() for w in windows] + spend_keys(tag, caps) + [tag + s.key.encode() for s in slots]
             parts = 3 + len(keys) + 2 + len(windows) + 4 + len(caps)
             head = b"*%d\r\n" % parts + bulks(b"EVALSHA", self._settle, b"%d" % len(keys), *keys, b"%d" % len(windows),
                                                 b"%d" % len(caps), *[b"%d" % w.window_ms for w in windows])
@@ -350,7 +387,8 @@ class RedisCounterStore(CounterStore):
         self._pipeline.send(command, done)
 
     async def release(self, slots: Sequence[SlotSpec], caps: Sequence[CapSpec], member: str, lease_ms: int) -> None:
-        keys = [s.key.encode() for s in slots] + [c.key.encode() for c in caps] + [f"{VOID_PREFIX}{member}".encode()]
+        tag = self.key_tag
+        keys = [tag + s.key.encode() for s in slots] + spend_keys(tag, caps) + [self._void + member.encode()]
         parts = 3 + len(keys) + 3
         await self._call(b"*%d\r\n" % parts + bulks(b"EVALSHA", self._release, b"%d" % len(keys), *keys,
                                                       b"%d" % len(slots), member.encode(), b"%d" % lease_ms))

@@ -363,16 +363,24 @@ def open_counter_store(
     on_error: Callable[[str], None] | None = None,
     on_lost: Callable[[str], None] | None = None,
 ) -> CounterStore:
-    """`memory://` for one process; `redis://host:port/db` (or `rediss://`) shared by many.
+    """`memory://` for one process; `redis://host:port/db` (or `rediss://`) shared by many, or a Redis Cluster:
+    `redis+cluster://host:port[,host:port...]` (or `rediss+cluster://`).
 
-    `max_connections` is a bound the Redis store always keeps: it pipelines every call over one connection."""
+    `max_connections` is a bound the Redis stores always keep: they pipeline every call over one connection
+    (on a cluster, one to the node that owns the limiter's keys)."""
     if uri == "memory://":
         return MemoryCounterStore(on_error, on_lost)
     if uri.startswith(("redis://", "rediss://")):
         from policies.limiter_redis import RedisCounterStore
 
         return RedisCounterStore(uri, timeout_s, on_error, on_lost)
-    raise ValueError(f"unsupported limiter storage {redact_dsn(uri)!r}: use memory:// or redis://host:port")
+    if uri.startswith(("redis+cluster://", "rediss+cluster://")):
+        from policies.limiter_cluster import ClusterCounterStore
+
+        return ClusterCounterStore(uri, timeout_s, max_connections, on_error, on_lost)
+    raise ValueError(
+        f"unsupported limiter storage {redact_dsn(uri)!r}: use memory://, redis://host:port or redis+cluster://host:port"
+    )
 
 
 def __getattr__(name: str) -> Any:
