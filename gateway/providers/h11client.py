@@ -218,9 +218,10 @@ class HttpClient:
         return found
 
     async def post(self, url: str, body: bytes, headers: dict[str, str], connect_s: float | None,
-                   read_s: float | None, total_s: float | None) -> Response:
+                   read_s: float | None, total_s: float | None, per_request: bytes = b"") -> Response:
         """Sends the request and returns once the response head arrived; raises TimeoutError, ConnectError,
-        ConnectionError or ProtocolError."""
+        ConnectionError or ProtocolError. `per_request`: header lines (each ending in CRLF) that differ on every
+        call, such as a traceparent, kept out of the cached head."""
         pool, head = self._target(url, headers)
         deadline = None if total_s is None else time.monotonic() + total_s
         conn = await pool.acquire(connect_s, deadline)
@@ -228,7 +229,7 @@ class HttpClient:
         try:
             if conn.lost or conn.transport is None:
                 raise ConnectionResetError("the connection closed before the request was sent")
-            conn.transport.write(b"%s%d\r\n\r\n%s" % (head, len(body), body))
+            conn.transport.write(b"%s%d\r\n%s\r\n%s" % (head, len(body), per_request, body))
             await response.head()
         except BaseException:
             response.release()
