@@ -9,24 +9,39 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 
-from policies.schema import PriceConfig
+from policies.schema import PICO_PER_MICRO, EmbeddedProviderConfig, Policy, PriceConfig
 
 
 def cost_micro_usd(
-    prices: Mapping[str, PriceConfig], model: str, prompt: int, completion: int, cached: int = 0
+    prices: Mapping[str, PriceConfig], model: str, prompt: int, completion: int, cached: int = 0,
+    cache_write: int = 0, cache_write_1h: int = 0, anthropic: bool = False,
 ) -> int | None:
     """Cost of one request to `model`, or None when the price table does not list it.
 
-    `prompt` counts every prompt token, cached ones included (as OpenAI's usage reports them);
-    `cached` of them are billed at `cached_input`, or at `input` when no cached price is given.
+    `prompt` counts every prompt token, as OpenAI's usage reports them: `cached` of them were read from the prompt
+    cache and `cache_write` written to it (`cache_write_1h` of those for an hour); the rest are plain input. Each
+    kind is billed at its own price, in integer pico-dollars, and the sum is rounded half up to micro-dollars once.
+    `anthropic`: an Anthropic provider served it, so unpriced cache writes cost Anthropic's rates.
     """
     price = prices.get(model)
     if price is None:
         return None
+    plain_price, output_price, read_price, write_price, write_1h_price = price.pico(anthropic)
     cached = min(max(cached, 0), prompt)
-    cached_price = price.input if price.cached_input is None else price.cached_input
-    micro = (prompt - cached) * price.input + cached * cached_price + completion * price.output
-    return round(micro)
+    cache_write = min(max(cache_write, 0), prompt - cached)
+    cache_write_1h = min(max(cache_write_1h, 0), cache_write)
+    pico = ((prompt - cached - cache_write) * plain_price + cached * read_price
+            + (cache_write - cache_write_1h) * write_price + cache_write_1h * write_1h_price + completion * output_price)
+    return (pico + PICO_PER_MICRO // 2) // PICO_PER_MICRO
+
+
+def cache_savings_micro_usd(prices: Mapping[str, PriceConfig], model: str, cached: int) -> int:
+    """What `cached` prompt tokens read from the cache saved against the input price (0 for an unlisted model)."""
+    price = prices.get(model)
+    if price is None or cached <= 0:
+        return 0
+    plain_price, _, read_price, _, _ = price.pico()
+    return (cached * max(plain_price - read_price, 0) + PICO_PER_MICRO // 2) // PICO_PER_MICRO
 
 
 def dearest_price(prices: Mapping[str, PriceConfig], models: Iterable[str]) -> PriceConfig | None:
@@ -45,3 +60,16 @@ def estimated_cost_micro_usd(price: PriceConfig, prompt: int, max_completion: in
 
 def usd(micro: int) -> float:
     return micro / 1_000_000
+
+
+def unpriced_models(policy: Policy) -> list[tuple[str, str]]:
+    """(route, model) for each routed external model the price table does not list: its requests cost nothing in
+    the inference table and count nothing against budgets. Embedded models are free unless priced."""
+    missing = []
+    for name, route in policy.routes.items():
+        for target in route.targets:
+            model = target.model or name
+            provider = policy.providers.get(target.provider)
+            if model not in policy.prices and not isinstance(provider, EmbeddedProviderConfig):
+                missing.append((name, model))
+    return missing

@@ -15,11 +15,13 @@ def finish_reason(vllm_reason: str | None) -> str | None:
     return "stop" if vllm_reason == "abort" else vllm_reason
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage; `cached_tokens` are the prompt tokens vLLM's prefix cache already held."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": min(cached_tokens, prompt_tokens)},
     }
 
 
@@ -65,7 +67,7 @@ class ResponseShape:
     def finish_chunk(self, index: int, reason: str | None, stop: object = None) -> dict:
         return self.chunk(index, {} if self.chat else "", reason, None, stop)
 
-    def usage_chunk(self, usage: dict[str, int]) -> dict:
+    def usage_chunk(self, usage: dict[str, Any]) -> dict:
         return {**self._head(self._chunk_object), "choices": [], "usage": usage}
 
     @property
@@ -92,6 +94,7 @@ class Answer:
         self.n = n
         self.prompt_tokens = len(prompt_ids)
         self.generated = 0
+        self.cached_tokens = 0
         self._logprobs = logprobs
         self._top = top_logprobs
         self._tools = tools or [None] * n
@@ -121,6 +124,7 @@ class Answer:
     def chunks(self, output: Any, first: bool) -> list[dict]:
         """The chunks for one delta output of the engine (`first`: the request's first, which opens every choice)."""
         chunks = [self.shape.role_chunk(index) for index in range(self.n)] if first and self.shape.chat else []
+        self.note_cached(output)
         for choice in output.outputs:
             self.generated += len(choice.token_ids)
             finished = choice.finish_reason is not None
@@ -144,8 +148,14 @@ class Answer:
                 chunks.append(self.shape.finish_chunk(choice.index, reason, choice.stop_reason))
         return chunks
 
-    def usage(self) -> dict[str, int]:
-        return usage(self.prompt_tokens, self.generated)
+    def note_cached(self, output: Any) -> None:
+        """Keeps the prefix-cache hits a RequestOutput reports (vLLM sets them once the prompt is scheduled)."""
+        cached = getattr(output, "num_cached_tokens", None)
+        if type(cached) is int and cached > self.cached_tokens:
+            self.cached_tokens = cached
+
+    def usage(self) -> dict[str, Any]:
+        return usage(self.prompt_tokens, self.generated, self.cached_tokens)
 
     def _chat_logprobs(self, output: Any) -> dict | None:
         if self._top is None or output.logprobs is None:

@@ -179,6 +179,7 @@ class EmbeddedEngine:
         finals: dict[int, Any] = {}
         async with contextlib.aclosing(self._generate(prompt_ids, params, request_id, priority)) as outputs:
             async for output in outputs:
+                answer.note_cached(output)
                 finals.update((choice.index, choice) for choice in output.outputs)
         return answer.whole(finals.values())
 

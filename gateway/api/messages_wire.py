@@ -282,10 +282,15 @@ def translate_request(body: dict, counting: bool = False, lenient: bool = False)
 
 
 def messages_usage(usage: object) -> dict:
-    """Chat usage as Anthropic counts it: input_tokens are the prompt tokens not read from the cache."""
-    prompt, cached, completion, _ = chat_tokens(usage)
-    return {"input_tokens": max(prompt - cached, 0), "output_tokens": completion,
-            "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached}
+    """Chat usage as Anthropic counts it: input_tokens are the prompt tokens neither read from nor written to the
+    cache, and the writes are split by their time to live."""
+    tokens = chat_tokens(usage)
+    cached = min(tokens.cached, tokens.prompt)
+    written = min(tokens.cache_write, tokens.prompt - cached)
+    written_1h = min(tokens.cache_write_1h, written)
+    return {"input_tokens": tokens.prompt - cached - written, "output_tokens": tokens.completion,
+            "cache_creation_input_tokens": written, "cache_read_input_tokens": cached,
+            "cache_creation": {"ephemeral_5m_input_tokens": written - written_1h, "ephemeral_1h_input_tokens": written_1h}}
 
 
 def stop_of(choice: dict, request: MessagesRequest, called: bool = False) -> tuple[str, str | None]:

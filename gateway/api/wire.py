@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import orjson
 
@@ -33,17 +34,30 @@ def first_choice(data: dict) -> dict:
     return {}
 
 
-def chat_tokens(usage: object) -> tuple[int, int, int, int]:
-    """Prompt, cached prompt, completion and reasoning tokens of a chat usage object; 0 for what is missing."""
+class ChatTokens(NamedTuple):
+    prompt: int
+    cached: int
+    completion: int
+    reasoning: int
+    cache_write: int
+    cache_write_1h: int
+
+
+def chat_tokens(usage: object) -> ChatTokens:
+    """The token counts of a chat usage object (prompt, cache reads, completion, reasoning, cache writes and their
+    1-hour part); 0 for what is missing."""
     if type(usage) is not dict:
-        return 0, 0, 0, 0
+        return ChatTokens(0, 0, 0, 0, 0, 0)
     prompt_details = usage.get("prompt_tokens_details")
+    prompt_details = prompt_details if type(prompt_details) is dict else {}
     completion_details = usage.get("completion_tokens_details")
-    return (
+    return ChatTokens(
         _count(usage.get("prompt_tokens")),
-        _count(prompt_details.get("cached_tokens")) if type(prompt_details) is dict else 0,
+        _count(prompt_details.get("cached_tokens")),
         _count(usage.get("completion_tokens")),
         _count(completion_details.get("reasoning_tokens")) if type(completion_details) is dict else 0,
+        _count(prompt_details.get("cache_write_tokens")),
+        _count(prompt_details.get("cache_write_1h_tokens")),
     )
 
 

@@ -14,7 +14,8 @@ from gateway.inference.wire import PAYLOAD_MARKER, safe_text, unencodable_reason
 COLUMNS: tuple[str, ...] = (
     "request_id", "ts", "key_id", "user", "groups", "route", "provider", "model", "endpoint", "status",
     "error_type", "error_code", "streamed", "prompt_tokens", "completion_tokens", "cached_tokens",
-    "cost_micro_usd", "latency_ms", "ttft_ms", "upstream_ms", "overhead_ms", "attempts", "fallbacks",
+    "cache_write_tokens", "cache_write_1h_tokens", "reasoning_tokens", "usage_estimated", "cost_micro_usd",
+    "cache_savings_micro_usd", "latency_ms", "ttft_ms", "upstream_ms", "overhead_ms", "attempts", "fallbacks",
     "split_arm", "guardrail_findings", "guardrail_action", "ratelimit_outcome", "metadata",
     "request_payload", "response_payload", "payload_truncated", "policy_version", "is_shadow", "shadow_of",
 )
@@ -128,7 +129,10 @@ def to_row(record: Mapping[str, Any], *, log_payloads: bool, max_payload_bytes: 
         _texts(get("groups")), _text(get("route")), _text(get("provider")), _text(get("model")),
         _text(get("endpoint")), _uint(get("status"), 65_535), _text(get("error_type")), _text(get("error_code")),
         bool(get("streamed")), _uint(get("prompt_tokens"), _UINT32), _uint(get("completion_tokens"), _UINT32),
-        _uint(get("cached_tokens"), _UINT32), _uint(get("cost_micro_usd"), 2**64 - 1), _float(get("latency_ms")),
+        _uint(get("cached_tokens"), _UINT32), _uint(get("cache_write_tokens"), _UINT32),
+        _uint(get("cache_write_1h_tokens"), _UINT32), _uint(get("reasoning_tokens"), _UINT32),
+        bool(get("usage_estimated")), _uint(get("cost_micro_usd"), 2**64 - 1),
+        _uint(get("cache_savings_micro_usd"), 2**64 - 1), _float(get("latency_ms")),
         _float(get("ttft_ms")), _float(get("upstream_ms")), _float(get("overhead_ms")), _uint(get("attempts"), 255),
         _texts(get("fallbacks")), _text(get("split_arm")), _findings(get("guardrail_findings")),
         _text(get("guardrail_action")), _text(get("ratelimit_outcome")),

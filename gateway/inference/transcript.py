@@ -112,6 +112,17 @@ class Transcript:
             if isinstance(finish, str) and finish:
                 state.finish = finish
 
+    def text(self) -> str:
+        """Every text of the answer, run together: what the upstream billed as completion tokens."""
+        parts: list[str] = []
+        for state in self.choices.values():
+            for pieces in state.texts.values():
+                parts += pieces
+            for call in state.calls.values():
+                parts += call.get("arguments", ())
+            parts += state.function_call.get("arguments", ())
+        return "".join(parts)
+
     def payload(self, usage: Usage | None) -> dict:
         choices = []
         for index, state in sorted(self.choices.items()):

@@ -30,6 +30,11 @@ FROM {db}.inference WHERE {window} GROUP BY route ORDER BY requests DESC, cost D
 _TOP_MODELS = """
 SELECT provider, model, count() AS requests, sum(prompt_tokens + completion_tokens), sum(cost_micro_usd) / 1e6 AS cost
 FROM {db}.inference WHERE {window} GROUP BY provider, model ORDER BY cost DESC, requests DESC LIMIT {top}"""
+_CACHE = """
+SELECT route, model, count() AS requests, sum(cached_tokens), sum(cache_write_tokens), sum(cost_micro_usd) / 1e6,
+       sum(cache_savings_micro_usd) / 1e6 AS saved
+FROM {db}.inference WHERE {window} AND (cached_tokens > 0 OR cache_write_tokens > 0)
+GROUP BY route, model ORDER BY saved DESC, requests DESC LIMIT {top}"""
 _ERRORS = """
 SELECT status, error_type, error_code, count() AS requests
 FROM {db}.inference WHERE {window} AND status >= 400
@@ -96,6 +101,8 @@ def build_report(client: Client, database: str, since: datetime, until: datetime
         _table("Top routes", ["route", "requests", "errors", "p50 ms", "p95 ms", "tokens", "cost $"],
                rows(_TOP_ROUTES)),
         _table("Top models by cost", ["provider", "model", "requests", "tokens", "cost $"], rows(_TOP_MODELS)),
+        _table("Prompt cache (saved: what cache reads saved against the input price)",
+               ["route", "model", "requests", "cache read", "cache write", "cost $", "saved $"], rows(_CACHE)),
         _table("Errors", ["status", "type", "code", "requests"], rows(_ERRORS)),
     ]
     return "\n\n".join(sections) + "\n"

@@ -178,14 +178,22 @@ def _tokens(usage: dict, name: str) -> int:
 
 
 def usage_from(usage: dict) -> dict:
+    """A Messages API usage as OpenAI's: every prompt token in `prompt_tokens`, the cache reads and writes (and the
+    writes' 1-hour part, from `cache_creation` where the API splits them by time to live) in its details."""
     cached = _tokens(usage, "cache_read_input_tokens")
-    prompt = _tokens(usage, "input_tokens") + cached + _tokens(usage, "cache_creation_input_tokens")
+    written = _tokens(usage, "cache_creation_input_tokens")
+    by_ttl = _object(usage.get("cache_creation"), "usage.cache_creation")
+    written_1h = min(_tokens(by_ttl, "ephemeral_1h_input_tokens"), written)
+    prompt = _tokens(usage, "input_tokens") + cached + written
     completion = _tokens(usage, "output_tokens")
+    details = {"cached_tokens": cached, "cache_write_tokens": written}
+    if written_1h:
+        details["cache_write_1h_tokens"] = written_1h
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": cached},
+        "prompt_tokens_details": details,
     }
 
 

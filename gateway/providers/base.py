@@ -43,29 +43,59 @@ def _count(usage: dict, name: str, provider: str) -> int:
 
 @dataclass(slots=True)
 class Usage:
+    """Token counts of one answer, every kind apart. `prompt_tokens` counts them all, as OpenAI's usage does: cache
+    reads (`cached_tokens`) and cache writes (`cache_write_tokens`, of which `cache_write_1h_tokens` were written
+    for an hour) are parts of it. `reasoning_tokens` are part of `completion_tokens`. `estimated`: the upstream
+    gave no usage, so the gateway counted with tiktoken."""
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    cache_write_tokens: int = 0
+    cache_write_1h_tokens: int = 0
+    reasoning_tokens: int = 0
+    estimated: bool = False
 
     @classmethod
     def from_openai(cls, usage: object, provider: str = "upstream") -> Usage | None:
-        """None when there is no usage; UpstreamError("invalid") when it is not shaped as OpenAI's."""
+        """None when there is no usage; UpstreamError("invalid") when it is not shaped as OpenAI's.
+
+        Cache reads are `prompt_tokens_details.cached_tokens` (OpenAI, Azure, vLLM), or DeepSeek's
+        `prompt_cache_hit_tokens`; cache writes are `prompt_tokens_details.cache_write_tokens` (as the
+        Anthropic translation and OpenRouter write them) with lockgate's `cache_write_1h_tokens` part.
+        """
         if usage is None:
             return None
         if type(usage) is not dict:
             raise UpstreamError("invalid", f"{provider}: usage is not an object ({type(usage).__name__})")
         details = usage.get("prompt_tokens_details")
+        completion_details = usage.get("completion_tokens_details")
         prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        # The usual usage, two counts and perhaps a cached count, is read without a call per field.
-        if type(prompt) is int and prompt >= 0 and type(completion) is int and completion >= 0:
-            if details is None:
-                return cls(prompt, completion, 0)
-            if type(details) is dict and type(cached := details.get("cached_tokens")) is int and cached >= 0:
-                return cls(prompt, completion, cached)
+        # The usual usage, two counts and no details, is read without a call per field.
+        if (type(prompt) is int and prompt >= 0 and type(completion) is int and completion >= 0 and details is None
+                and completion_details is None and "prompt_cache_hit_tokens" not in usage):
+            return cls(prompt, completion)
         if details is not None and type(details) is not dict:
             raise UpstreamError("invalid", f"{provider}: usage.prompt_tokens_details is not an object")
-        return cls(_count(usage, "prompt_tokens", provider), _count(usage, "completion_tokens", provider),
-                   _count(details, "cached_tokens", provider) if details else 0)
+        if completion_details is not None and type(completion_details) is not dict:
+            raise UpstreamError("invalid", f"{provider}: usage.completion_tokens_details is not an object")
+        prompt, completion = _count(usage, "prompt_tokens", provider), _count(usage, "completion_tokens", provider)
+        details = details or {}
+        cached = (_count(details, "cached_tokens", provider) if details.get("cached_tokens") is not None
+                  else _count(usage, "prompt_cache_hit_tokens", provider))
+        # Parts never exceed their whole: a count an upstream got wrong cannot bill more than the prompt.
+        cached = min(cached, prompt)
+        written = min(_count(details, "cache_write_tokens", provider), prompt - cached)
+        written_1h = min(_count(details, "cache_write_1h_tokens", provider), written)
+        reasoning = min(_count(completion_details or {}, "reasoning_tokens", provider), completion)
+        return cls(prompt, completion, cached, written, written_1h, reasoning)
+
+    def openai_details(self) -> dict[str, int]:
+        """`prompt_tokens_details` as the gateway writes it when it builds an OpenAI usage."""
+        details = {"cached_tokens": self.cached_tokens, "cache_write_tokens": self.cache_write_tokens}
+        if self.cache_write_1h_tokens:
+            details["cache_write_1h_tokens"] = self.cache_write_1h_tokens
+        return details
 
 
 @dataclass(slots=True)

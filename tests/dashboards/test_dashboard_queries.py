@@ -37,6 +37,9 @@ def sample_records() -> list[dict[str, Any]]:
             "model": arm.split("/")[1], "endpoint": "embeddings" if route == "embed" else "chat", "status": status,
             "error_type": "" if status == 200 else "invalid_request_error", "error_code": str(status),
             "streamed": index % 2 == 0, "prompt_tokens": 20 + index % 50, "completion_tokens": 40,
+            "cached_tokens": 5 * (index % 4), "cache_write_tokens": 8 if index % 6 == 0 else 0,
+            "cache_write_1h_tokens": 8 if index % 12 == 0 else 0, "reasoning_tokens": index % 3,
+            "usage_estimated": index % 13 == 0, "cache_savings_micro_usd": 3 * (index % 4),
             "cost_micro_usd": 100 * (1 + index % 9), "latency_ms": 50.0 + index % 300, "ttft_ms": 20.0 + index % 40,
             "upstream_ms": 45.0, "overhead_ms": 1.0 + index % 5, "attempts": 1 + index % 2,
             "fallbacks": ["openai/gpt-4o-mini -> 503"] if index % 7 == 0 else [], "split_arm": arm,
@@ -126,6 +129,28 @@ def test_traffic_split_compares_every_arm(grafana_client: Client, loaded: list[d
     arms = {(row[0], row[1]) for row in result.result_rows}
     assert arms == {(route, arm) for route, route_arms in ROUTES.items() for arm in route_arms}
     assert {"p50_ms", "p90_ms", "p99_ms", "error_rate", "cost_per_request_usd"} <= set(result.column_names)
+
+
+def test_cache_savings_panel_sums_reads_writes_and_savings_per_route_and_model(
+    grafana_client: Client, loaded: list[dict[str, Any]]
+) -> None:
+    cost = json.loads((GRAFANA_DIR / "cost_usage.json").read_text())
+    sql = next(p for p in cost["panels"] if p["title"] == "Prompt cache savings by route and model")["targets"][0]["rawSql"]
+    result = run(grafana_client, sql, "all", loaded)
+    got = {(row[0], row[1]): row[2:] for row in result.result_rows}
+    expected: dict[tuple[str, str], list] = {}
+    for r in loaded:
+        if r["cached_tokens"] or r["cache_write_tokens"]:
+            sums = expected.setdefault((r["route"], r["model"]), [0, 0, 0, 0, 0])
+            sums[0] += 1
+            sums[1] += r["cached_tokens"]
+            sums[2] += r["cache_write_tokens"]
+            sums[4] += r["cache_savings_micro_usd"]
+    picked = {key: (requests, reads, writes, saved) for key, (requests, reads, writes, _, saved) in expected.items()}
+    # The roll-up counts every request of a route and model in the range, so its request count may be larger.
+    assert set(got) == set(picked)
+    for key, (requests, reads, writes, saved) in picked.items():
+        assert got[key][1:3] == (reads, writes) and round(got[key][4] * 1e6) == saved and got[key][0] >= requests
 
 
 @pytest.mark.parametrize("path", DASHBOARDS, ids=[p.name for p in DASHBOARDS])

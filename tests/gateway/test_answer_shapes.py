@@ -10,10 +10,12 @@ from gateway.providers.base import UpstreamError, Usage, _choices_problem, _coun
 
 _VALUES = st.one_of(st.none(), st.integers(-2, 5), st.booleans(), st.text(max_size=2), st.floats(allow_nan=False),
                     st.lists(st.none(), max_size=1))
-_DETAILS = st.dictionaries(st.sampled_from(["cached_tokens", "audio_tokens"]), _VALUES, max_size=2)
+_DETAILS = st.dictionaries(st.sampled_from(["cached_tokens", "audio_tokens", "cache_write_tokens", "cache_write_1h_tokens",
+                                           "reasoning_tokens"]), _VALUES, max_size=3)
 _USAGE = st.one_of(st.none(), st.integers(), st.dictionaries(
-    st.sampled_from(["prompt_tokens", "completion_tokens", "prompt_tokens_details", "total_tokens"]),
-    st.one_of(_VALUES, _DETAILS), max_size=4))
+    st.sampled_from(["prompt_tokens", "completion_tokens", "prompt_tokens_details", "completion_tokens_details",
+                     "total_tokens", "prompt_cache_hit_tokens"]),
+    st.one_of(_VALUES, _DETAILS), max_size=5))
 _MESSAGE = st.dictionaries(st.sampled_from(["role", "content", "refusal", "annotations", "tool_calls", "name"]),
                            _VALUES, max_size=5)
 _CHOICE = st.dictionaries(st.sampled_from(["index", "message", "finish_reason", "logprobs", "delta", "text"]),
@@ -33,10 +35,18 @@ def _full_usage(usage: object) -> Usage | None:
     if type(usage) is not dict:
         raise UpstreamError("invalid", "usage is not an object")
     details = usage.get("prompt_tokens_details")
-    if details is not None and type(details) is not dict:
-        raise UpstreamError("invalid", "details are not an object")
-    return Usage(_count(usage, "prompt_tokens", "p"), _count(usage, "completion_tokens", "p"),
-                 _count(details, "cached_tokens", "p") if details else 0)
+    completion_details = usage.get("completion_tokens_details")
+    for part in (details, completion_details):
+        if part is not None and type(part) is not dict:
+            raise UpstreamError("invalid", "details are not an object")
+    details, completion_details = details or {}, completion_details or {}
+    prompt, completion = _count(usage, "prompt_tokens", "p"), _count(usage, "completion_tokens", "p")
+    has_cached = details.get("cached_tokens") is not None
+    cached = min(_count(details, "cached_tokens", "p") if has_cached else _count(usage, "prompt_cache_hit_tokens", "p"),
+                 prompt)
+    written = min(_count(details, "cache_write_tokens", "p"), prompt - cached)
+    return Usage(prompt, completion, cached, written, min(_count(details, "cache_write_1h_tokens", "p"), written),
+                 min(_count(completion_details, "reasoning_tokens", "p"), completion))
 
 
 def _full_chat_answer(data: dict) -> Usage | None:

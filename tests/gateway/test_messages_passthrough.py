@@ -105,8 +105,8 @@ async def _rows(server: TestServer, route: str) -> list[dict]:
     await gateway.drain_masking()
     assert gateway.writer is not None and await asyncio.to_thread(gateway.writer.flush, 60)
     columns = ["endpoint", "status", "streamed", "provider", "model", "prompt_tokens", "completion_tokens",
-               "cached_tokens", "cost_micro_usd", "error_code", "guardrail_action", "request_payload",
-               "response_payload", "fallbacks"]
+               "cached_tokens", "cache_write_tokens", "cache_write_1h_tokens", "cost_micro_usd", "error_code",
+               "guardrail_action", "request_payload", "response_payload", "fallbacks"]
     rows = await asyncio.to_thread(gateway.writer.query, f"SELECT {', '.join(columns)} FROM lockgate.inference FINAL "
                                                          f"WHERE route = '{route}' ORDER BY ts")
     return [dict(zip(columns, row, strict=True)) for row in rows]
@@ -210,7 +210,9 @@ async def test_usage_with_cache_tokens_is_charged_and_recorded(served, claude) -
                                                                                    "claude-test-model")
         assert (row["prompt_tokens"], row["cached_tokens"], row["completion_tokens"]) == (prompt, 3,
                                                                                           usage.output_tokens)
-        assert row["cost_micro_usd"] == round((prompt - 3) * 3 + 3 * 0.3 + usage.output_tokens * 15)
+        # Cache writes at the default 1.25x the input price ($3.75/1M), as Anthropic bills a 5-minute write.
+        assert (row["cache_write_tokens"], row["cache_write_1h_tokens"]) == (7, 0)
+        assert row["cost_micro_usd"] == round((prompt - 3 - 7) * 3 + 3 * 0.3 + 7 * 3.75 + usage.output_tokens * 15)
     assert streamed["streamed"] == 1
     assert orjson.loads(streamed["response_payload"])["choices"][0]["message"]["content"] == "".join(WORDS)
 

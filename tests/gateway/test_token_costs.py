@@ -42,7 +42,7 @@ limits:
 prices:
   openai-reasoning: {{input: 2.5, output: 10, cached_input: 1.25}}
   deepseek: {{input: 0.27, output: 1.10, cached_input: 0.07}}
-  openrouter: {{input: 3, output: 15, cached_input: 0.3}}
+  openrouter: {{input: 3, output: 15, cached_input: 0.3, cache_write: 3.75}}
   claude-cached: {{input: 1.00, output: 5.00, cached_input: 0.10}}
   claude-5m: {{input: 1.00, output: 5.00, cached_input: 0.10}}
   no-usage: {{input: 1, output: 2}}
@@ -61,8 +61,9 @@ EXPECTED: dict[str, tuple[int, int, int, int, int, int, int, int]] = {
     "azure-reasoning": (2006, 1920, 0, 0, 300, 256, 5615, 2400),
     # 36 x 0.27 + 64 x 0.07 + 20 x 1.10 = 9.72 + 4.48 + 22 = 36.2 -> 36; saved 64 x 0.20 = 12.8 -> 13
     "deepseek": (100, 64, 0, 0, 20, 12, 36, 13),
-    # 10 x 3 + 1500 x 3.75 (a write at the default 1.25x input) + 40 x 15 = 30 + 5,625 + 600
+    # 10 x 3 + 1500 x 3.75 (the write price given: a relay is not known to be Anthropic) + 40 x 15 = 30 + 5,625 + 600
     "openrouter": (1510, 0, 1500, 0, 40, 0, 6255, 0),
+    # Writes unpriced, served by Anthropic, so at its rates (1.25x and 2x input):
     # 10 x 1 + 2000 x 0.10 + 400 x 1.25 + 600 x 2 + 50 x 5 = 10 + 200 + 500 + 1,200 + 250; saved 2000 x 0.90
     "claude": (3010, 2000, 1000, 600, 50, 0, 2160, 1800),
     # The figure: 10 + 200 + 1000 x 1.25 + 250 = 1,710 (it was recorded at 1,460)

@@ -47,3 +47,20 @@ def test_parse_time_accepts_spans_and_iso() -> None:
         assert "30m, 24h, 7d" in str(error)
     else:
         raise AssertionError("an unreadable time must be refused")
+
+
+def test_report_shows_what_the_prompt_cache_saved_per_route_and_model(clickhouse: Client, database: str,
+                                                                      chdb_dsn: str) -> None:
+    now = time.time()
+    insert(clickhouse, database, [
+        make_record(route="claude", model="claude-haiku-4-5", prompt_tokens=3_010, cached_tokens=2_000,
+                    cache_write_tokens=1_000, cost_micro_usd=1_710, cache_savings_micro_usd=1_800, ts=now - 60),
+        make_record(route="claude", model="claude-haiku-4-5", prompt_tokens=3_010, cached_tokens=2_000,
+                    cost_micro_usd=460, cache_savings_micro_usd=1_800, ts=now - 50),
+        make_record(route="plain", model="gpt-4o-mini", cost_micro_usd=99, ts=now - 40),
+    ])
+    text = report(chdb_dsn, database, "24h")
+    cache = text.split("Prompt cache")[1].split("\n\n")[0]
+    (line,) = [line for line in cache.splitlines() if line.startswith("claude")]
+    assert line.split() == ["claude", "claude-haiku-4-5", "2", "4,000", "1,000", "0.0022", "0.0036"]
+    assert "gpt-4o-mini" not in cache

@@ -52,6 +52,21 @@ async def test_usage_counts_equal_the_tokenizers(engine: EmbeddedEngine, tokeniz
     assert cut["usage"]["completion_tokens"] == len(tokenizer.encode(cut["choices"][0]["message"]["content"])) == 4
 
 
+async def test_prefix_cache_hits_are_reported_as_cached_tokens(engine: EmbeddedEngine) -> None:
+    # A prompt of many blocks: the second time, vLLM's prefix cache holds all its full blocks.
+    document = " ".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(40))
+    body = chat_body(f"{document}\nHow many lines are there?", max_tokens=2)
+    first = await engine.chat(body, "prefix-first")
+    second = await engine.chat(body, "prefix-second")
+    chunks = [chunk async for chunk in engine.stream_chat(body, "prefix-stream")]
+
+    prompt = first["usage"]["prompt_tokens"]
+    assert prompt > 300 and first["usage"]["prompt_tokens_details"]["cached_tokens"] < prompt // 2
+    for usage in (second["usage"], chunks[-1]["usage"]):
+        assert usage["prompt_tokens"] == prompt
+        assert prompt // 2 < usage["prompt_tokens_details"]["cached_tokens"] < prompt
+
+
 async def test_stream_yields_role_deltas_finish_then_usage(engine: EmbeddedEngine) -> None:
     whole = await engine.chat(chat_body(), "stream-reference")
     chunks = [chunk async for chunk in engine.stream_chat(chat_body(), "stream-chat")]
@@ -94,7 +109,8 @@ async def test_completions_continue_a_text_prompt(engine: EmbeddedEngine, tokeni
 
     assert reply["object"] == "text_completion"
     assert reply["choices"][0]["finish_reason"] == "length"
-    assert reply["usage"] == {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9}
+    assert reply["usage"] == {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9,
+                              "prompt_tokens_details": {"cached_tokens": 0}}
     streamed = "".join(chunk["choices"][0]["text"] for chunk in chunks if chunk["choices"])
     assert streamed == reply["choices"][0]["text"]
     assert chunks[-1]["usage"] == reply["usage"]
