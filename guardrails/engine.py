@@ -45,6 +45,14 @@ ANONYMIZER_CIPHER = {"presidio_anonymizer.operators.aes_cipher": ("AESCipher",)}
 PATTERN_CHECK = "_Pattern__validate_regex"
 
 
+# What Presidio's predefined pattern recognizers find in English on the no-op NLP engine (tests/guardrails check
+# this against Presidio's own list, so an upgrade that changes it fails there).
+PATTERN_ENTITIES_EN = frozenset({
+    "CREDIT_CARD", "CRYPTO", "DATE_TIME", "EMAIL_ADDRESS", "IBAN_CODE", "IP_ADDRESS", "MAC_ADDRESS", "MEDICAL_LICENSE",
+    "PHONE_NUMBER", "UK_NHS", "URL", "US_BANK_NUMBER", "US_DRIVER_LICENSE", "US_ITIN", "US_PASSPORT", "US_SSN", "UUID",
+})
+
+
 @dataclass(frozen=True, slots=True)
 class EngineKey:
     language: str
@@ -81,6 +89,10 @@ def anonymizer() -> AnonymizerEngine:
 
 
 def supported_entities(key: EngineKey) -> frozenset[str]:
+    """The entities this configuration can find; for English pattern recognizers known without importing Presidio,
+    so a policy is checked at start while Presidio still loads in the background."""
+    if not key.ner and key.language == "en":
+        return PATTERN_ENTITIES_EN
     return frozenset(analyzer_for(key).get_supported_entities(language=key.language))
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -18,6 +21,7 @@ _ACTIONS = frozenset({"block", "mask", "flag", "off"})
 # Actions that may change or stop the text: logprobs that cannot be checked are dropped under them.
 _HIDING = frozenset({"block", "mask"})
 
+log = logging.getLogger(__name__)
 # Presidio holds the GIL for most of its work, so more threads would add queueing, not throughput.
 _WORKERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="guardrails")
 
@@ -95,10 +99,35 @@ class Guardrails:
     ) -> None:
         self.detector = Detector(entities, score_threshold, patterns, ner, language, phone_regions)
         self._slots = asyncio.Semaphore(max_pending)
+        self._warming: threading.Thread | None = None
 
     def warm_up(self) -> None:
         """Run one analysis so the first request does not pay Presidio's first-call cost (blocking)."""
         warm_up_engines([self.detector.key], self.detector.entities)
+
+    def warm_up_in_background(self) -> threading.Thread:
+        """`warm_up` in a thread of its own, so the gateway serves while Presidio loads: a text the prefilter proves
+        clean never needs Presidio, and a scan that does waits for the load (the analyzer is built under a lock),
+        so nothing passes unscanned meanwhile."""
+        thread = threading.Thread(target=self._warm_up_logged, name="lockgate-guardrails-warm-up", daemon=True)
+        self._warming = thread
+        thread.start()
+        return thread
+
+    @property
+    def loading(self) -> bool:
+        """Presidio is still loading in the background (scans that need it wait for it)."""
+        return self._warming is not None and self._warming.is_alive()
+
+    def _warm_up_logged(self) -> None:
+        started = time.perf_counter()
+        try:
+            self.warm_up()
+        except Exception:
+            # Scans that need Presidio build it again, and fail closed if that fails too.
+            log.exception("guardrails: loading Presidio failed; requests that need a PII scan are refused until it loads")
+            return
+        log.info("guardrails: Presidio loaded in %.2f s", time.perf_counter() - started)
 
     def scan_text(self, text: str, direction: Direction, pii: Action, patterns: Action) -> Verdict:
         """Scan one string on the calling thread; Verdict.body is the (masked) text."""

@@ -17,7 +17,10 @@ from guardrails.guard import Action, Direction, Finding, block_message, check_ac
 if TYPE_CHECKING:
     from guardrails.guard import Guardrails
 
-_JOINABLE = r"(?:\S*\d\S*|[A-Z0-9]{1,4}|[^\w\s]{1,4})"
+# Atomic groups: a token is matched one way only. With plain groups a run of tokens holding several digits each
+# (`-41809, -41809, ...`) could be split in exponentially many ways before a failed match gave up (ten tokens
+# took 50 s). A token ends at a space or the end, so committing to the first way changes nothing matched.
+_JOINABLE = r"(?>\S*\d\S*|[A-Z0-9]{1,4}|[^\w\s]{1,4})"
 _SEP = r"[ \u00a0]{1,2}"
 _NAME_WORD = r"[A-Z][\w'\u2019.-]*"
 
@@ -27,12 +30,18 @@ def _tail(joinable: str) -> re.Pattern[str]:
 
 
 _TAIL = _tail(_JOINABLE)
-_NER_TAIL = _tail(f"(?:{_JOINABLE}|{_NAME_WORD})")
+_NER_TAIL = _tail(f"(?>{_JOINABLE}|{_NAME_WORD})")
 # Enough released text in front of the buffer for \b and look-behinds to see what the full text shows.
 CONTEXT_CHARS = 16
 # A held tail never grows past this unless a finding straddles it: a run without spaces (a long URL,
 # base64) is released in pieces, so one PII item longer than this could be missed across deltas.
 MAX_HOLD_CHARS = 256
+
+
+def _tail_of(tail: re.Pattern[str], buffer: str) -> re.Match[str] | None:
+    """The held tail's match, looked for only near the end: a hold is capped at MAX_HOLD_CHARS anyway, and the search
+    costs the square of the text it tries (a 64 KB delta of digit tokens took 90 s), so one delta costs bounded time."""
+    return tail.search(buffer, max(0, len(buffer) - 2 * MAX_HOLD_CHARS))
 
 
 def clip_text(text: str, limit: int) -> str:
@@ -44,7 +53,7 @@ def clip_text(text: str, limit: int) -> str:
     if len(text) <= limit:
         return text
     head = text[:limit]
-    tail = _NER_TAIL.search(head)
+    tail = _tail_of(_NER_TAIL, head)
     return head[: tail.start()] if tail else head
 
 
@@ -80,7 +89,7 @@ class StreamScanner:
         if self._plain and not self._detector.may_hold_pii(text):
             # No PII candidate and no patterns to look for: release up to the tail that could still become one.
             buffer = self._pending + delta
-            tail = self._tail.search(buffer)
+            tail = _tail_of(self._tail, buffer)
             cut = max(tail.start() if tail else len(buffer), len(buffer) - MAX_HOLD_CHARS)
             out = buffer[:cut]
             self._context = (self._context + out)[-CONTEXT_CHARS:]
@@ -146,7 +155,7 @@ class StreamScanner:
         return out
 
     def _cut(self, buffer: str, text: str, offset: int) -> int:
-        tail = self._tail.search(buffer)
+        tail = _tail_of(self._tail, buffer)
         cut = tail.start() if tail else len(buffer)
         cut = max(cut, len(buffer) - MAX_HOLD_CHARS)
         if self._patterns != "off" and self._detector.patterns:

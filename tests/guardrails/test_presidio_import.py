@@ -40,6 +40,36 @@ print(json.dumps({"loaded_after_build": loaded_after_build, "found": found, "mas
                   "torch_sum": total, "transformers_has_version": bool(transformers.__version__)}))
 """
 
+# The gateway serves while Presidio loads: held here until the test lets the load finish.
+SERVES_WHILE_LOADING = """
+import json, threading
+import guardrails.engine as engine
+from guardrails import Guardrails
+
+gate = threading.Event()
+build = engine._build_analyzer
+def held_build(key):
+    gate.wait(30)
+    return build(key)
+engine._build_analyzer = held_build
+
+guard = Guardrails(["EMAIL_ADDRESS", "PHONE_NUMBER"])
+guard.warm_up_in_background()
+clean = guard.scan_text("Hello there, how are you today?", "input", "block", "off")
+built_while_clean = bool(engine._analyzers)
+result = {}
+suspect = threading.Thread(target=lambda: result.update(verdict=guard.scan_text("mail a.b@example.com", "input",
+                                                                                  "block", "off")))
+suspect.start()
+suspect.join(1.0)
+waited = suspect.is_alive()
+gate.set()
+suspect.join(60)
+verdict = result["verdict"]
+print(json.dumps({"clean_blocked": clean.blocked, "clean": clean.clean, "built_while_clean": built_while_clean,
+                  "waited": waited, "blocked": verdict.blocked, "found": [f.entity_type for f in verdict.findings]}))
+"""
+
 # A reload may turn NER on after Presidio was imported without torch: spaCy's NER model does not need it.
 NER_AFTER_PATTERNS = """
 import asyncio, json
@@ -157,6 +187,18 @@ def test_gateway_guardrails_load_presidio_without_torch_and_still_find_pii() -> 
     # vLLM imports torch later in the same process: it must load as if nothing had been hidden.
     assert result["torch_sum"] == 4.0
     assert result["transformers_has_version"] is True
+
+
+def test_clean_text_is_served_while_presidio_loads_and_a_suspect_text_waits_for_it() -> None:
+    assert _run(SERVES_WHILE_LOADING) == {"clean_blocked": False, "clean": True, "built_while_clean": False,
+                                          "waited": True, "blocked": True, "found": ["EMAIL_ADDRESS"]}
+
+
+def test_the_entities_known_without_presidio_are_presidios_own() -> None:
+    from guardrails.engine import PATTERN_ENTITIES_EN, EngineKey, analyzer_for
+
+    engine = analyzer_for(EngineKey("en", False, ("US",)))
+    assert frozenset(engine.get_supported_entities(language="en")) == PATTERN_ENTITIES_EN
 
 
 def test_ner_turned_on_after_a_pattern_only_import_still_finds_names() -> None:

@@ -1,6 +1,7 @@
 import pytest
 
 from guardrails import Guardrails, StreamScanner, words_to_regex
+from guardrails.stream import clip_text
 
 MESSAGE = (
     "Done. Mail anna.k@example.net, call +1-415-555-0132, card 4111-1111-1111-1111, "
@@ -99,3 +100,14 @@ def test_a_long_run_without_spaces_is_not_held_for_ever() -> None:
 def test_off_direction_actions_are_validated(guard: Guardrails, action: str) -> None:
     with pytest.raises(ValueError, match="unknown guardrail action"):
         StreamScanner(guard, action, "hide")  # type: ignore[arg-type]
+
+
+def test_a_long_run_of_digit_tokens_is_released_in_bounded_time() -> None:
+    # Each token can hold the tail's digit in several places: before the tail rule matched tokens one way only, ten
+    # of them followed by a word that cannot join took 50 s, and a 64 KB delta would have held a worker for minutes.
+    guard = Guardrails(["EMAIL_ADDRESS"])
+    scanner = StreamScanner(guard, "mask", "off")
+    delta = "-41809, " * 8000 + "Zz"
+    assert scanner.feed(delta) == delta[:-2]
+    assert scanner.finish() == "Zz"
+    assert clip_text("-41809, " * 60 + "Zz 12", 484) == "-41809, " * 60 + "Zz "
