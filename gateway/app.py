@@ -11,8 +11,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
+from gateway import telemetry
 from gateway.api.cors import install_cors
 from gateway.api.routes import add_routes
+from gateway.auth import SIGN_IN, SignIn
 from gateway.compiled import ProviderPool
 from gateway.context import GATEWAY, Gateway
 from gateway.errors import GatewayError
@@ -28,6 +30,8 @@ log = logging.getLogger("lockgate")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # The listener's settings come from the policy the gateway started with: a reload cannot rebind a socket.
 SERVER_CONFIG: web.AppKey[ServerConfig] = web.AppKey("server_config", ServerConfig)
+# The longest a stop waits for queued spans to reach the collector.
+TRACE_FLUSH_S = 5.0
 
 
 @web.middleware
@@ -63,6 +67,7 @@ def create_app(policy_path: str | os.PathLike[str]) -> web.Application:
         install_cors(app, server.cors)
     app[GATEWAY] = Gateway(holder)
     app[SERVER_CONFIG] = server
+    app[SIGN_IN] = SignIn()
 
     async def policy_and_providers(app: web.Application) -> AsyncIterator[None]:
         await asyncio.to_thread(install_offline_encodings)
@@ -104,6 +109,27 @@ def create_app(policy_path: str | os.PathLike[str]) -> web.Application:
         # In a thread: close() waits for the last batch to be written or spooled.
         await asyncio.to_thread(writer.close, time_left())
 
+    async def identity_provider_keys(app: web.Application) -> AsyncIterator[None]:
+        current = holder.current
+        assert current is not None
+        config = current.loaded.policy.auth.jwt
+        if config is not None:
+            await app[SIGN_IN].prepare(current, config.jwks_timeout_s)
+        yield
+        await app[SIGN_IN].close()
+
+    async def traces(app: web.Application) -> AsyncIterator[None]:
+        config = initial.policy.telemetry
+        if config.otlp_endpoint is None:
+            yield
+            return
+        tracing = await asyncio.to_thread(telemetry.Tracing, config)
+        telemetry.TRACING = tracing
+        yield
+        telemetry.TRACING = None
+        # Cleaned up last (after the rows were written): what the deadline leaves, within a bound of its own.
+        await tracing.close(min(time_left(), TRACE_FLUSH_S))
+
     async def loop_lag(app: web.Application) -> AsyncIterator[None]:
         watch = asyncio.get_running_loop().create_task(LOOP_LAG_WATCH.run())
         yield
@@ -111,9 +137,11 @@ def create_app(policy_path: str | os.PathLike[str]) -> web.Application:
         with contextlib.suppress(asyncio.CancelledError):
             await watch
 
+    app.cleanup_ctx.append(traces)
     app.cleanup_ctx.append(loop_lag)
     app.cleanup_ctx.append(inference_writer)
     app.cleanup_ctx.append(policy_and_providers)
+    app.cleanup_ctx.append(identity_provider_keys)
     app.cleanup_ctx.append(shadow_traffic)
     add_routes(app)
     return app

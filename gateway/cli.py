@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 
 from policies.keys import hash_key, new_key
 from policies.loader import PolicyError, load_policy
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from gateway.inference import engine_sharing_problem
-    from gateway.server import ServeOptions, serve
+    from gateway.supervisor import ServeOptions, serve
 
     try:
         loaded = load_policy(args.policy)
@@ -21,10 +22,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     server = loaded.policy.server
     table = loaded.policy.inference_table
     workers = args.workers or server.workers
-    problem = engine_sharing_problem(table.clickhouse, workers) if table.enabled else None
-    if problem:
-        print(problem, file=sys.stderr)
-        return 2
     options = ServeOptions(
         policy_path=args.policy,
         host=args.host or server.host,
@@ -32,7 +29,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         workers=workers,
         shutdown_timeout_s=server.shutdown_timeout_s,
     )
-    return serve(options)
+    return serve(options, table if table.enabled else None)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -53,6 +50,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
         return 0
     print(f"{args.policy}: OK (version {loaded.sha256[:12]}: {len(policy.keys)} keys, {len(policy.users)} users, "
           f"{len(policy.providers)} providers, {len(policy.routes)} routes)")
+    from policies.prices import unpriced_models
+
+    for route, model in unpriced_models(policy):
+        print(f"warning: routes.{route}: model {model!r} has no entry under 'prices': its requests are recorded at "
+              "cost 0 and budgets do not count them", file=sys.stderr)
     return 0
 
 
@@ -88,8 +90,16 @@ def _cmd_models_list(args: argparse.Namespace) -> int:
 def _cmd_models_prepare(args: argparse.Namespace) -> int:
     from runtime import RuntimeFailure, prepare_model
 
+    # The conversion's own progress bar belongs on a terminal; a log or CI gets the step lines alone.
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    started = time.monotonic()
+
+    def step(line: str) -> None:
+        print(f"[{time.monotonic() - started:5.1f} s] {line}", file=sys.stderr, flush=True)
+
     try:
-        path = prepare_model(args.name)
+        path = prepare_model(args.name, progress=step)
     except RuntimeFailure as exc:
         print(f"cannot prepare {args.name}: {exc}", file=sys.stderr)
         return 1

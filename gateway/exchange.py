@@ -29,6 +29,14 @@ class Exchange:
     streamed: bool = False
     usage: Usage | None = None
     cost_micro_usd: int = 0
+    cache_savings_micro_usd: int = 0
+    # The prompt tokens the gateway counted at admission (None: it did not count), so settle charges the difference
+    # when the upstream counts more.
+    counted_prompt_tokens: int | None = None
+    # The answer's text when it came without usage (a long one's first part), and its whole length in characters:
+    # what the gateway counts its completion tokens from.
+    answer_text: str | None = None
+    answer_chars: int = 0
     first_byte_at: float = 0.0
     upstream_s: float = 0.0
     attempts: int = 0
@@ -67,7 +75,12 @@ class Exchange:
             "prompt_tokens": usage.prompt_tokens,
             "completion_tokens": usage.completion_tokens,
             "cached_tokens": usage.cached_tokens,
+            "cache_write_tokens": usage.cache_write_tokens,
+            "cache_write_1h_tokens": usage.cache_write_1h_tokens,
+            "reasoning_tokens": usage.reasoning_tokens,
+            "usage_estimated": usage.estimated,
             "cost_micro_usd": self.cost_micro_usd,
+            "cache_savings_micro_usd": self.cache_savings_micro_usd,
             "latency_ms": latency * 1000,
             "ttft_ms": (self.first_byte_at - self.started) * 1000 if self.first_byte_at else 0.0,
             "upstream_ms": self.upstream_s * 1000,

@@ -8,19 +8,23 @@ reservation by the real cost.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from prometheus_client import Counter
 
+from gateway import telemetry
+from gateway.api.wire import call_function, reasoning_of, text_of
 from gateway.errors import GatewayError
 from gateway.exchange import Exchange
+from gateway.providers import Usage
 from policies import Admission, Authorizer, CounterStore, Governor, cost_micro_usd, open_counter_store
 from policies.keys import Principal
-from policies.prices import dearest_price, estimated_cost_micro_usd
+from policies.prices import cache_savings_micro_usd, dearest_price, estimated_cost_micro_usd
 from policies.schema import LimiterConfig, Policy, PriceConfig
-from policies.tokens import count_prompt_tokens, encoding_for
+from policies.tokens import count_prompt_tokens, count_text_tokens, encoding_for
 
 if TYPE_CHECKING:
     from gateway.compiled import Route
@@ -42,6 +46,8 @@ class Governance:
     # Only routes with a price, and only when budgets exist: the others reserve nothing.
     reserve_prices: dict[str, PriceConfig]
     reserve_completion_tokens: int
+    # Their cache writes cost Anthropic's rates where the price table names none.
+    anthropic_providers: frozenset[str] = frozenset()
 
 
 def build_governance(policy: Policy, store: CounterStore) -> Governance:
@@ -58,8 +64,9 @@ def build_governance(policy: Policy, store: CounterStore) -> Governance:
         for route in policy.routes.values():
             for target in route.targets:
                 encoding_for(target.model or "")
+    anthropic = frozenset(name for name, provider in policy.providers.items() if provider.type == "anthropic")
     return Governance(authorizer, Governor(policy, store), dict(policy.prices), reserve_prices,
-                      policy.limiter.reserve_completion_tokens)
+                      policy.limiter.reserve_completion_tokens, anthropic)
 
 
 class CounterStores:
@@ -113,7 +120,10 @@ async def admit(gov: Governance, principal: Principal, route: Route, op: str, bo
     estimate = 0
     if price is not None:
         estimate = estimated_cost_micro_usd(price, prompt_tokens, _max_completion_tokens(op, body, gov))
-    admission = await gov.governor.admit(principal, route.name, prompt_tokens, estimate)
+    if counted:
+        ex.counted_prompt_tokens = prompt_tokens
+    admitting = gov.governor.admit(principal, route.name, prompt_tokens, estimate)
+    admission = await (admitting if telemetry.TRACING is None else telemetry.TRACING.limits(ex, admitting))
     if not admission.allowed:
         ex.ratelimit_outcome = f"refused:{admission.code}"
         raise _refusal(admission)
@@ -139,10 +149,89 @@ def _max_completion_tokens(op: str, body: dict, gov: Governance) -> int:
 
 async def settle(gov: Governance, admission: Admission, ex: Exchange) -> None:
     usage = ex.usage
-    if usage is not None and ex.model:
-        cost = cost_micro_usd(gov.prices, ex.model, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
-        ex.cost_micro_usd = cost or 0
-    completion = usage.completion_tokens if usage is not None else 0
+    tokens = 0
+    if usage is not None:
+        if ex.model:
+            cost = cost_micro_usd(gov.prices, ex.model, usage.prompt_tokens, usage.completion_tokens,
+                                  usage.cached_tokens, usage.cache_write_tokens, usage.cache_write_1h_tokens,
+                                  ex.provider in gov.anthropic_providers)
+            ex.cost_micro_usd = cost or 0
+            if usage.cached_tokens:
+                ex.cache_savings_micro_usd = cache_savings_micro_usd(gov.prices, ex.model, usage.cached_tokens)
+        tokens = usage.completion_tokens
+        # Token windows were charged the gateway's count at admission; the upstream's count is the one billed. A
+        # smaller count is not handed back: the window charged at admission may have rolled over since.
+        counted = ex.counted_prompt_tokens
+        if counted is not None and usage.prompt_tokens > counted:
+            tokens += usage.prompt_tokens - counted
     # Not awaited: the answer does not wait for the limiter's store, and a client that disconnects cannot keep
     # its tokens and cost off the books.
-    gov.governor.settle_soon(admission, completion, ex.cost_micro_usd or None)
+    gov.governor.settle_soon(admission, tokens, ex.cost_micro_usd or None)
+
+
+def answer_text(data: dict, op: str) -> str:
+    """The text of a whole answer that the upstream billed as completion: contents, reasoning, tool calls."""
+    if op == "embeddings":
+        return ""
+    parts: list[str] = []
+    choices = data.get("choices")
+    for choice in choices if type(choices) is list else ():
+        if type(choice) is not dict:
+            continue
+        if op != "chat":
+            parts.append(text_of(choice.get("text")))
+            continue
+        message = choice.get("message")
+        if type(message) is not dict:
+            continue
+        parts += (text_of(message.get("content")), reasoning_of(message))
+        calls = message.get("tool_calls")
+        for call in calls if type(calls) is list else ():
+            if type(call) is dict:
+                parts += call_function(call)
+    return "".join(parts)
+
+
+# Of an answer's text, this much is kept and counted; the rest is counted at the kept part's tokens per character,
+# so an answer without usage costs bounded memory and counting time, however long it is.
+ESTIMATE_TEXT_CHARS = 256 * 1024
+
+
+class TextTally:
+    """A streamed answer's text, kept up to ESTIMATE_TEXT_CHARS, and the length of all of it."""
+
+    __slots__ = ("chars", "kept", "parts")
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.kept = 0
+        self.chars = 0
+
+    def add(self, text: str) -> None:
+        self.chars += len(text)
+        if self.kept < ESTIMATE_TEXT_CHARS:
+            self.parts.append(text)
+            self.kept += len(text)
+
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+def _completion_tokens(model: str, text: str, chars: int) -> int:
+    kept = text[:ESTIMATE_TEXT_CHARS]
+    if not kept:
+        return 0
+    tokens = count_text_tokens(model, kept)
+    return tokens if len(kept) >= chars else round(tokens * chars / len(kept))
+
+
+def _estimate(model: str, op: str, body: dict, text: str, chars: int, counted: int | None) -> Usage:
+    prompt = counted if counted is not None else count_prompt_tokens(model, op, body)
+    return Usage(prompt, _completion_tokens(model, text, max(chars, len(text))), estimated=True)
+
+
+async def estimate_usage(ex: Exchange, model: str, op: str, body: dict) -> Usage:
+    """The usage of an answer that came without one (a server that omits it, a stream cut short), counted with
+    tiktoken; in a thread, since the first count of a model loads its vocabulary."""
+    return await asyncio.to_thread(_estimate, ex.model or model, op, body, ex.answer_text or "", ex.answer_chars,
+                                   ex.counted_prompt_tokens)

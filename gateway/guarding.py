@@ -40,7 +40,8 @@ _CONTENT_SLOT: Slot = ("content",)
 
 
 def build_guardrails(policy: Policy) -> Guardrails | None:
-    """Runs in a thread (Presidio imports and warms up in seconds); None when nothing would use it."""
+    """Runs in a thread; None when nothing would use it. Presidio (seconds to import and warm up) loads in the
+    background meanwhile: the policy goes live without waiting for it."""
     used = any(_active(r.guardrails.input) or _active(r.guardrails.output) for r in policy.routes.values())
     table = policy.inference_table
     # Client metadata is kept even when payloads are not, and is masked all the same.
@@ -50,7 +51,7 @@ def build_guardrails(policy: Policy) -> Guardrails | None:
     patterns = [(p.name, p.regex if p.regex is not None else words_to_regex(p.words or []))
                 for p in policy.guardrails.patterns]
     guard = Guardrails(pii.entities, pii.score_threshold, patterns, pii.ner, pii.language, pii.phone_regions)
-    guard.warm_up()
+    guard.warm_up_in_background()
     return guard
 
 

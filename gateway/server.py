@@ -1,16 +1,13 @@
-"""Running the gateway: one process, or N workers sharing one port through SO_REUSEPORT."""
+"""A worker: the gateway's app on its port, alone or as one of N sharing the port under gateway.supervisor."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
 import logging
-import multiprocessing
-import os
 import signal
-import sys
 import time
-from dataclasses import dataclass
+from multiprocessing.connection import Connection
 
 import uvloop
 from aiohttp import web
@@ -18,32 +15,28 @@ from aiohttp import web
 from gateway.api.connections import ClientLimits, GatewayRunner
 from gateway.app import SERVER_CONFIG, create_app, flush_reserve_s
 from gateway.context import GATEWAY
+from gateway.supervisor import SERVING, ServeOptions, configure_logging
 
 log = logging.getLogger("lockgate")
 # How long an unread request body is still read (and dropped) after an early answer, so the client sees the answer.
 _LINGER_S = 2.0
 
-
-@dataclass(frozen=True)
-class ServeOptions:
-    policy_path: str
-    host: str
-    port: int
-    workers: int
-    shutdown_timeout_s: float
+__all__ = ["ServeOptions", "run_worker"]
 
 
-def configure_logging() -> None:
-    logging.basicConfig(
-        level=os.environ.get("LOCKGATE_LOG_LEVEL", "INFO"),
-        format=f"%(asctime)s %(levelname)s [%(name)s pid={os.getpid()}] %(message)s",
-        stream=sys.stderr,
-    )
-    # Presidio reports every recognizer of other languages it skips, at each start: noise, not news.
-    logging.getLogger("presidio-analyzer").setLevel(logging.ERROR)
+def _watch_supervisor(loop: asyncio.AbstractEventLoop, channel: Connection, stop: asyncio.Event) -> None:
+    """The supervisor never writes to the channel: it becomes readable when the supervisor is gone (its end closed
+    with its process), and a worker left alone on the port drains and stops instead of serving unsupervised."""
+    def gone() -> None:
+        loop.remove_reader(channel.fileno())
+        if not stop.is_set():
+            log.error("the supervisor is gone: stopping")
+            stop.set()
+
+    loop.add_reader(channel.fileno(), gone)
 
 
-async def _serve_worker(options: ServeOptions, reuse_port: bool) -> None:
+async def _serve_worker(options: ServeOptions, reuse_port: bool, channel: Connection | None) -> None:
     app = create_app(options.policy_path)
     server = app[SERVER_CONFIG]
     drain_s = options.shutdown_timeout_s - flush_reserve_s(options.shutdown_timeout_s)
@@ -67,6 +60,9 @@ async def _serve_worker(options: ServeOptions, reuse_port: bool) -> None:
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(holder.reload()))
     log.info("serving on http://%s:%d (policy %s)", options.host, options.port, app[GATEWAY].policy.version)
+    if channel is not None:
+        channel.send_bytes(SERVING)
+        _watch_supervisor(loop, channel, stop)
     await stop.wait()
     app[GATEWAY].stop_deadline = time.monotonic() + options.shutdown_timeout_s
     log.info("draining in-flight requests (up to %.0f s)", drain_s)
@@ -74,39 +70,12 @@ async def _serve_worker(options: ServeOptions, reuse_port: bool) -> None:
     log.info("stopped")
 
 
-def run_worker(options: ServeOptions, reuse_port: bool) -> None:
+def run_worker(options: ServeOptions, reuse_port: bool, channel: Connection | None = None) -> None:
+    """Serves until SIGTERM/SIGINT. `channel`: the socket pair end of a supervised worker, told when it serves."""
     configure_logging()
-    uvloop.run(_serve_worker(options, reuse_port))
-
-
-def serve(options: ServeOptions) -> int:
-    """Blocks until SIGTERM/SIGINT; with several workers the parent forwards signals to them."""
-    if options.workers == 1:
-        run_worker(options, reuse_port=False)
-        return 0
-    configure_logging()
-    context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=run_worker, args=(options, True), name=f"lockgate-worker-{i}")
-               for i in range(options.workers)]
-    for worker in workers:
-        worker.start()
-    stopping = False
-
-    def forward(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        if signum in (signal.SIGTERM, signal.SIGINT):
-            stopping = True
-        for worker in workers:
-            if worker.pid is not None and worker.is_alive():
-                os.kill(worker.pid, signal.SIGTERM if signum == signal.SIGINT else signum)
-
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, forward)
-    log.info("started %d workers on port %d", options.workers, options.port)
-    code = 0
-    for worker in workers:
-        worker.join()
-        if worker.exitcode and not stopping:
-            log.error("%s exited with code %s", worker.name, worker.exitcode)
-            code = 1
-    return code
+    # Until the loop's handlers are in place, a reload request must not end the start (SIGHUP's default action).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    if channel is not None:
+        # A terminal's Ctrl-C reaches the whole group; the supervisor turns it into one SIGTERM per worker.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    uvloop.run(_serve_worker(options, reuse_port, channel))

@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from gateway.api.doors import StreamEncoder
+from gateway.api.wire import call_function, tool_call_deltas
 from gateway.errors import GatewayError
 from gateway.exchange import Exchange
+from gateway.governance import TextTally
 from gateway.guarding import ChunkGuard, failure, note_findings, violation
 from gateway.inference.transcript import Transcript
 from gateway.providers import ChunkStream, UpstreamError, Usage
@@ -39,6 +41,8 @@ async def relay(request: web.Request, stream: ChunkStream, ex: Exchange, options
     field = "content" if ex.op == "chat" else "text"
     encoder = options.encoder
     transcript = Transcript(field) if options.collect else None
+    # Without a transcript, the answer's text is tallied in case the stream ends without usage and must be counted.
+    tally = TextTally() if transcript is None else None
     scan = options.scan
     pending: list[bytes] = []
     # The upstream's own event bytes go out as they came when nothing here may change a chunk.
@@ -65,6 +69,13 @@ async def relay(request: web.Request, stream: ChunkStream, ex: Exchange, options
                 raise violation(scan.message)
             if transcript is not None:
                 transcript.add(chunk)
+            elif tally is not None and (choices := chunk.get("choices")):
+                # The chunk nearly every stream is made of: one choice's delta holding only its text.
+                if (len(choices) == 1 and type(choice := choices[0]) is dict and type(delta := choice.get("delta"))
+                        is dict and len(delta) == 1 and type(content := delta.get("content")) is str):
+                    tally.add(content)
+                else:
+                    _tally_texts(choices, field, tally)
             if encoder is None:
                 data = last.data if last is not None else None
                 # An event of several data lines holds line breaks; only one of a single line passes as it is.
@@ -116,9 +127,32 @@ async def relay(request: web.Request, stream: ChunkStream, ex: Exchange, options
             note_findings(ex, scan.findings())
         if transcript is not None:
             ex.response_payload = transcript.payload(ex.usage)
+        if ex.usage is None and ex.first_byte_at:
+            if tally is not None:
+                ex.answer_text, ex.answer_chars = tally.text(), tally.chars
+            elif transcript is not None:
+                ex.answer_text = transcript.text()
     with contextlib.suppress(ConnectionError):
         await response.write_eof()
     return response
+
+
+def _tally_texts(choices: list, field: str, tally: TextTally) -> None:
+    for choice in choices:
+        if type(choice) is not dict:
+            continue
+        if field == "text":
+            text = choice.get("text")
+        elif type(delta := choice.get("delta")) is dict:
+            text = delta.get("content")
+            if type(reasoning := delta.get("reasoning_content") or delta.get("reasoning")) is str:
+                tally.add(reasoning)
+            for _, call in tool_call_deltas(delta):
+                tally.add(call_function(call)[1])
+        else:
+            continue
+        if type(text) is str:
+            tally.add(text)
 
 
 _INTERNAL = GatewayError(500, "The gateway failed while streaming the answer.", "api_error", "internal_error")

@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from policies.schema import Policy
+from policies.schema import POLICY_DIR, Policy
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _ONLY_ENV_REF = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*\}$")
@@ -165,8 +165,10 @@ def _reference_problems(policy: Policy) -> list[tuple[Loc, str]]:
     return problems
 
 
-def parse_policy(text: str, source: str = "<policy>", env: Mapping[str, str] | None = None) -> LoadedPolicy:
-    """Validates a policy text; raises PolicyError listing every problem with its line."""
+def parse_policy(text: str, source: str = "<policy>", env: Mapping[str, str] | None = None,
+                 folder: str | os.PathLike[str] | None = None) -> LoadedPolicy:
+    """Validates a policy text; raises PolicyError listing every problem with its line. Relative paths in it are
+    resolved against `folder` (the policy file's), or left relative when there is none."""
     reader = _Reader(text, os.environ if env is None else env)
     try:
         data = reader.read()
@@ -186,7 +188,7 @@ def parse_policy(text: str, source: str = "<policy>", env: Mapping[str, str] | N
     if problems:
         raise PolicyError(source, problems)
     try:
-        policy = Policy.model_validate(data)
+        policy = Policy.model_validate(data, context={POLICY_DIR: None if folder is None else os.fspath(folder)})
     except ValidationError as exc:
         for err in exc.errors(include_url=False):
             shown, line = _line_for(reader.lines, data, tuple(err["loc"]))
@@ -204,4 +206,5 @@ def load_policy(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise PolicyError(source, [Problem("", None, f"cannot read the file: {exc.strerror or exc}")]) from None
-    return parse_policy(text, source, env)
+    # The folder as named, symlinks kept: a mounted ConfigMap's file is a link into a folder renamed on every update.
+    return parse_policy(text, source, env, os.path.dirname(os.path.abspath(path)))

@@ -7,15 +7,52 @@ never a setting that silently does nothing.
 from __future__ import annotations
 
 import re
+from decimal import Decimal
+from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 _RATE = re.compile(r"^\s*\d+\s*(/|per)\s*(\d+\s*)?(second|minute|hour|day)s?\s*$", re.I)
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# The validation context key holding the policy file's folder; relative paths in the file are resolved against it.
+POLICY_DIR = "policy_dir"
+
+
+def _in_policy_dir(path: str, info: ValidationInfo) -> str:
+    base = (info.context or {}).get(POLICY_DIR)
+    if base is None:
+        return path
+    expanded = Path(path).expanduser()
+    return str(expanded if expanded.is_absolute() else Path(base) / expanded)
+
+
+def _chdb_in_policy_dir(dsn: str, info: ValidationInfo) -> str:
+    prefix = "chdb://"
+    return prefix + _in_policy_dir(dsn[len(prefix):], info) if dsn.startswith(prefix) else dsn
+
+
+def _folder_in_policy_dir(name_or_path: str, info: ValidationInfo) -> str:
+    """A catalog name stays a name; anything written as a path (with a slash, or ~) is a path."""
+    return _in_policy_dir(name_or_path, info) if "/" in name_or_path or name_or_path.startswith("~") else name_or_path
+
+
+# A file or folder named in the policy: relative to the policy file's folder, whatever the working directory.
+PolicyPath = Annotated[str, Field(min_length=1), AfterValidator(_in_policy_dir)]
 
 
 class CorsConfig(Strict):
@@ -122,7 +159,8 @@ class EmbeddedProviderConfig(Strict):
     """A model served by vLLM inside the gateway process."""
 
     type: Literal["embedded"]
-    model: str = Field(description="a name from `lockgate models list`, or a Hugging Face folder")
+    model: Annotated[str, AfterValidator(_folder_in_policy_dir)] = Field(
+        description="a name from `lockgate models list`, or a Hugging Face folder (a path: it holds a '/')")
     engine: dict[str, object] = {}
     load: Literal["eager", "lazy"] = "eager"
     served_model_name: str | None = None
@@ -136,8 +174,8 @@ class EmbeddedProviderConfig(Strict):
         description="how tightly a tool_parser's call syntax holds the model: parameter (the default) holds each "
                     "call's arguments to its function's JSON schema, function only the call's envelope, auto is "
                     "vLLM's own default (arguments held only for tools marked `strict`)")
-    chat_template: str | None = Field(
-        None, min_length=1,
+    chat_template: PolicyPath | None = Field(
+        None,
         description="a Jinja chat template file to use instead of the model folder's, e.g. one that shows the model "
                     "its tools")
 
@@ -199,7 +237,7 @@ class RouteConfig(Strict):
 
 
 class LimiterConfig(Strict):
-    storage: str = Field("memory://", pattern=r"^(memory://|redis(s)?://.+)$")
+    storage: str = Field("memory://", pattern=r"^(memory://|redis(s)?(\+cluster)?://.+)$")
     on_error: Literal["deny", "allow"] = "deny"
     timeout_ms: int = Field(500, gt=0, description="longest wait for the shared store before on_error applies")
     max_connections: int = Field(64, ge=1, description="an upper bound on Redis connections per gateway process; "
@@ -241,10 +279,51 @@ class BudgetConfig(Strict):
     per: Literal["day", "month"]
 
 
+# Anthropic's multipliers of the input price for prompt-cache writes (5 minutes, 1 hour): what a write served by
+# an Anthropic provider costs when the table names no write price. Elsewhere (OpenAI reports writes it does not
+# bill extra for) a write costs the input price unless priced.
+CACHE_WRITE_FACTOR = Decimal("1.25")
+CACHE_WRITE_1H_FACTOR = Decimal(2)
+PICO_PER_MICRO = 1_000_000
+PicoPrices = tuple[int, int, int, int, int]
+
+
+def _pico(usd_per_million: float, where: str) -> int:
+    """USD per 1M tokens is micro-dollars per token; times 10^6 it is an integer of pico-dollars per token."""
+    exact = Decimal(repr(usd_per_million)) * PICO_PER_MICRO
+    if exact != exact.to_integral_value():
+        raise ValueError(f"{where}: {usd_per_million} has more than 6 decimal places (USD per 1M tokens)")
+    return int(exact)
+
+
 class PriceConfig(Strict):
-    input: float = Field(ge=0, description="USD per 1M prompt tokens")
-    output: float = Field(ge=0, description="USD per 1M completion tokens")
-    cached_input: float | None = Field(None, ge=0)
+    """USD per 1M tokens of each kind. A kind without a price costs: `cached_input` (cache reads) the input price;
+    `cache_write` (5-minute writes) and `cache_write_1h` (1-hour writes) 1.25x and 2x the input price when an
+    Anthropic provider served the request (Anthropic's rates), the input price otherwise."""
+
+    input: float = Field(ge=0, description="USD per 1M plain prompt tokens")
+    output: float = Field(ge=0, description="USD per 1M completion tokens (reasoning tokens included)")
+    cached_input: float | None = Field(None, ge=0, description="USD per 1M prompt tokens read from a prompt cache")
+    cache_write: float | None = Field(None, ge=0, description="USD per 1M prompt tokens written to a prompt cache")
+    cache_write_1h: float | None = Field(None, ge=0, description="USD per 1M prompt tokens written to a 1-hour cache")
+    _pico_prices: tuple[PicoPrices, PicoPrices] = PrivateAttr()
+
+    @model_validator(mode="after")
+    def _exact(self) -> PriceConfig:
+        given = {name: _pico(value, name) for name in ("input", "output", "cached_input", "cache_write",
+                                                       "cache_write_1h") if (value := getattr(self, name)) is not None}
+        plain, output, read = given["input"], given["output"], given.get("cached_input", given["input"])
+        self._pico_prices = (
+            (plain, output, read, given.get("cache_write", plain), given.get("cache_write_1h", plain)),
+            (plain, output, read, given.get("cache_write", int(plain * CACHE_WRITE_FACTOR)),
+             given.get("cache_write_1h", int(plain * CACHE_WRITE_1H_FACTOR))),
+        )
+        return self
+
+    def pico(self, anthropic: bool = False) -> PicoPrices:
+        """Pico-dollars per token of input, output, cache read, cache write and 1-hour cache write; `anthropic`:
+        the request was served by an Anthropic provider, whose cache writes default to Anthropic's rates."""
+        return self._pico_prices[anthropic]
 
 
 class PiiConfig(Strict):
@@ -290,7 +369,9 @@ class GuardrailsConfig(Strict):
 
 class InferenceTableConfig(Strict):
     enabled: bool = True
-    clickhouse: str = Field("chdb://var/clickhouse", pattern=r"^(chdb://|https?://).+")
+    clickhouse: Annotated[str, AfterValidator(_chdb_in_policy_dir)] = Field(
+        "chdb://var/clickhouse", pattern=r"^(chdb://|https?://).+", validate_default=True,
+        description="chdb://FOLDER (the embedded engine; a relative folder is next to the policy file) or a server URL")
     database: str = Field("lockgate", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     log_payloads: bool = True
     mask_pii: bool = True
@@ -304,12 +385,54 @@ class InferenceTableConfig(Strict):
         256 * 1024 * 1024, ge=1024 * 1024, description="bytes of encoded records the gateway holds in memory "
         "(waiting for or being written to ClickHouse); past it the oldest go to the spool, and are dropped "
         "(counted in lockgate_inference_rows_dropped_total) only when the spool refuses them too")
-    spool_dir: str = "var/spool"
+    spool_dir: PolicyPath = Field("var/spool", validate_default=True)
+
+
+JwtAlgorithm = Literal["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"]
+
+
+class JwtConfig(Strict):
+    """Bearer JWTs from the identity provider, checked against the keys it publishes (only asymmetric algorithms)."""
+
+    jwks_url: str = Field(pattern=r"^https?://.+", description="where the provider publishes its signing keys")
+    issuer: str = Field(min_length=1, description="the token's `iss`, exactly")
+    audience: str | list[Annotated[str, Field(min_length=1)]] = Field(
+        min_length=1, description="the token's `aud` must hold this one, or one of these")
+    user_claim: str = Field("sub", min_length=1, description="the claim naming the user (dotted for a nested one)")
+    groups_claim: str | None = Field(
+        "groups", min_length=1, description="the claim listing the user's groups (dotted for a nested one, e.g. "
+        "realm_access.roles); they add to the user's groups under `users`, and `bindings` bind them to roles")
+    algorithms: list[JwtAlgorithm] = Field(
+        ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"], min_length=1,
+        description="accepted signing algorithms; a key that declares its `alg` accepts only that one")
+    leeway_s: float = Field(30.0, ge=0, le=300, description="clock skew tolerated on exp, nbf and iat")
+    jwks_timeout_s: float = Field(5.0, gt=0, le=60, description="longest wait for one fetch of the keys")
+    jwks_refresh_s: float = Field(600.0, ge=10, description="the keys are fetched again this often, in the background")
+    jwks_min_refetch_s: float = Field(
+        30.0, ge=1, description="a token signed by a key not yet known fetches the keys at once, but at most this often")
+
+
+class AuthConfig(Strict):
+    jwt: JwtConfig | None = None
+
+
+class TelemetryConfig(Strict):
+    """OpenTelemetry traces over OTLP/HTTP; off until an endpoint is given. Read at start: a change needs a restart."""
+
+    otlp_endpoint: str | None = Field(
+        None, pattern=r"^https?://[^\s/?#]+[^\s]*$", max_length=2048,
+        description="the collector's OTLP/HTTP address (http://collector:4318, to which /v1/traces is added) or "
+        "its full traces URL; None (the default): no traces, and opentelemetry is not even imported")
+    service_name: str = Field("lockgate", min_length=1, max_length=256, description="the spans' service.name")
+    sample_ratio: float = Field(
+        1.0, ge=0, le=1, description="the share of requests traced, decided on the trace id (so services sampling "
+        "at the same ratio keep the same traces); a client's sampled flag does not force it")
 
 
 class Policy(Strict):
     version: Literal[1]
     server: ServerConfig = ServerConfig()
+    auth: AuthConfig = AuthConfig()
     keys: list[KeyConfig] = []
     users: dict[str, UserConfig] = {}
     roles: dict[str, RoleConfig] = {}
@@ -322,6 +445,7 @@ class Policy(Strict):
     prices: dict[str, PriceConfig] = {}
     guardrails: GuardrailsConfig = GuardrailsConfig()
     inference_table: InferenceTableConfig = InferenceTableConfig(enabled=False)
+    telemetry: TelemetryConfig = TelemetryConfig()
     group_priorities: dict[str, int] = Field(
         {}, description="embedded engines serve lower numbers first; a request gets the lowest of its route's "
         "priority and its groups' priorities (reserved traffic, like provisioned throughput)")

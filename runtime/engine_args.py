@@ -31,8 +31,13 @@ CPU_DEFAULTS: dict[str, object] = {
 
 
 def engine_state_dir() -> Path:
-    """Where vLLM's sockets and caches go: under the project's var/ rather than /tmp and the home folder."""
-    return Path(os.environ.get("LOCKGATE_VAR_DIR", Path.cwd() / "var")) / "vllm"
+    """Where vLLM's sockets and caches go, whatever the working directory: $LOCKGATE_VAR_DIR/vllm, else the user's
+    cache folder ($XDG_CACHE_HOME/lockgate/vllm, else ~/.cache/lockgate/vllm) rather than vLLM's own defaults."""
+    if override := os.environ.get("LOCKGATE_VAR_DIR"):
+        return Path(override) / "vllm"
+    cache_home = os.environ.get("XDG_CACHE_HOME", "")
+    # The XDG spec: a relative XDG_CACHE_HOME is invalid and is ignored.
+    return (Path(cache_home) if os.path.isabs(cache_home) else Path.home() / ".cache") / "lockgate" / "vllm"
 
 
 def prepare_environment() -> Path:

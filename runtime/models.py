@@ -10,12 +10,16 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.errors import ModelNotFoundError, ModelNotPreparedError
 
 MODEL_DIR_ENV = "LOCKGATE_MODEL_DIR"
+# Told one line per step of a conversion: what is done, with its size and time.
+Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,9 +52,15 @@ CATALOG: dict[str, CatalogModel] = {
 
 
 def model_dir() -> Path:
-    """The cache folder holding prepared models: $LOCKGATE_MODEL_DIR, else var/models under the current folder."""
+    """The one folder per user holding prepared models, whatever the working directory: $LOCKGATE_MODEL_DIR, else
+    $XDG_DATA_HOME/lockgate/models, else ~/.local/share/lockgate/models."""
     configured = os.environ.get(MODEL_DIR_ENV)
-    return Path(configured) if configured else Path.cwd() / "var" / "models"
+    if configured:
+        return Path(configured).expanduser().absolute()
+    data_home = os.environ.get("XDG_DATA_HOME", "")
+    # The XDG spec: a relative XDG_DATA_HOME is invalid and is ignored.
+    base = Path(data_home) if os.path.isabs(data_home) else Path.home() / ".local" / "share"
+    return base / "lockgate" / "models"
 
 
 def list_models() -> list[ModelInfo]:
@@ -75,22 +85,27 @@ def resolve_model(name_or_path: str | os.PathLike[str]) -> Path:
     raise ModelNotFoundError(f"model {text!r} is neither a known name ({known}) nor a folder holding a Hugging Face config.json")
 
 
-def prepare_model(name: str, dest: str | os.PathLike[str] | None = None) -> Path:
+def prepare_model(name: str, dest: str | os.PathLike[str] | None = None, progress: Progress | None = None) -> Path:
     """Convert a catalog model into a Hugging Face folder once; later calls return the existing folder.
 
     `dest` is the model's own folder (default `model_dir()/name`). The conversion writes into a
     temporary sibling folder that is renamed into place, so a crash never leaves a half-written model.
+    `progress` is told each step as it ends.
     """
+    say = progress or (lambda line: None)
     model = CATALOG.get(name)
     if model is None:
         raise ModelNotFoundError(f"unknown model {name!r}; known models: {', '.join(sorted(CATALOG))}")
     target = Path(dest) if dest is not None else model_dir() / name
     if _is_model_folder(target):
+        say(f"{name} is already prepared in {target} ({_megabytes(_folder_bytes(target))})")
         return target.resolve()
+    gguf = _packaged_file(model)
+    say(f"source: {gguf} ({_megabytes(gguf.stat().st_size)}, from the package {model.package.replace('_', '-')})")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        _convert_gguf(_packaged_file(model), staging)
+        _convert_gguf(gguf, staging, say)
         staging.chmod(0o755)  # mkdtemp makes it private; a model folder is shared like any other
         try:
             staging.rename(target)
@@ -100,7 +115,16 @@ def prepare_model(name: str, dest: str | os.PathLike[str] | None = None) -> Path
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    say(f"prepared {name} in {target} ({_megabytes(_folder_bytes(target))})")
     return target.resolve()
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(entry.stat().st_size for entry in folder.rglob("*") if entry.is_file())
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:,.0f} MB" if size >= 1e6 else f"{size / 1e3:,.0f} kB"
 
 
 def _is_model_folder(folder: Path) -> bool:
@@ -118,13 +142,18 @@ def _packaged_file(model: CatalogModel) -> Path:
     return path
 
 
-def _convert_gguf(gguf_path: Path, out: Path) -> None:
+def _convert_gguf(gguf_path: Path, out: Path, say: Progress) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    started = time.monotonic()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
+    say(f"loaded torch and transformers ({time.monotonic() - started:.1f} s)")
     folder, file = str(gguf_path.parent), gguf_path.name
+    step = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    say(f"read the tokenizer: {len(tokenizer):,} tokens ({time.monotonic() - step:.1f} s)")
+    step = time.monotonic()
     # dequantize=True: a model still holding GGUF blocks cannot be saved as safetensors.
     weights = AutoModelForCausalLM.from_pretrained(
         folder,
@@ -132,5 +161,9 @@ def _convert_gguf(gguf_path: Path, out: Path) -> None:
         dtype=torch.float32,
         quantization_config=GgufConfig(gguf_file=str(gguf_path), dequantize=True),
     )
+    parameters = sum(tensor.numel() for tensor in weights.parameters())
+    say(f"dequantized {parameters / 1e6:,.0f}M weights to float32 ({time.monotonic() - step:.1f} s)")
+    step = time.monotonic()
     weights.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    say(f"wrote {_megabytes(_folder_bytes(out))} of safetensors and tokenizer files ({time.monotonic() - step:.1f} s)")

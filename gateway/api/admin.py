@@ -14,9 +14,9 @@ from gateway.proxy import authenticate
 from policies import StorageUnavailable
 
 
-def _admin(request: web.Request) -> CompiledPolicy:
+async def _admin(request: web.Request) -> CompiledPolicy:
     policy = current_policy(request)
-    principal = authenticate(request, policy)
+    principal = await authenticate(request, policy)
     if not policy.governance.authorizer.is_admin(principal):
         raise GatewayError(403, "This endpoint needs the admin capability.", "invalid_request_error", "not_admin")
     return policy
@@ -24,7 +24,7 @@ def _admin(request: web.Request) -> CompiledPolicy:
 
 async def admin_policy(request: web.Request) -> web.Response:
     try:
-        policy = _admin(request)
+        policy = await _admin(request)
     except GatewayError as err:
         return err.response()
     loaded = policy.loaded
@@ -34,7 +34,7 @@ async def admin_policy(request: web.Request) -> web.Response:
 
 async def admin_reload(request: web.Request) -> web.Response:
     try:
-        _admin(request)
+        await _admin(request)
     except GatewayError as err:
         return err.response()
     changed, message = await request.app[GATEWAY].holder.reload()
@@ -45,7 +45,7 @@ async def admin_reload(request: web.Request) -> web.Response:
 
 async def admin_limits(request: web.Request) -> web.Response:
     try:
-        policy = _admin(request)
+        policy = await _admin(request)
         scope = request.query.get("scope", "")
         kind = scope.partition(":")[0]
         if kind not in ("user", "key", "group", "route", "global") or (kind != "global" and ":" not in scope):

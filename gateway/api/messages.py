@@ -20,7 +20,7 @@ async def count_tokens(request: web.Request) -> web.Response:
     """Counted with the route's tokenizer (tiktoken's, or its o200k estimate): no upstream call, no inference row."""
     policy = current_policy(request)
     try:
-        principal = authenticate(request, policy, MESSAGES)
+        principal = await authenticate(request, policy, MESSAGES)
         # Counted like the request it previews: what chat cannot carry counts for nothing, and is not refused here.
         translated = messages_wire.translate_request(await read_body(request, policy.loaded.policy.server),
                                                      counting=True, lenient=True)

@@ -23,7 +23,7 @@ def _model_entry(policy: CompiledPolicy, route: Route) -> dict:
 async def list_models(request: web.Request) -> web.Response:
     policy = current_policy(request)
     try:
-        principal = authenticate(request, policy)
+        principal = await authenticate(request, policy)
     except GatewayError as err:
         return err.response()
     visible = policy.governance.authorizer.visible_routes(principal, list(policy.routes))
@@ -34,7 +34,7 @@ async def get_model(request: web.Request) -> web.Response:
     policy = current_policy(request)
     name = request.match_info["model"]
     try:
-        principal = authenticate(request, policy)
+        principal = await authenticate(request, policy)
         route = policy.routes.get(name)
         # A route the caller may not use looks the same as one that does not exist.
         if route is None or not policy.governance.authorizer.can_call(principal, name):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.api import admin, health, messages, models, openai
+from gateway.api import admin, console, health, messages, models, openai
 
 
 def add_routes(app: web.Application) -> None:
@@ -24,3 +24,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/admin/policy", admin.admin_policy)
     app.router.add_post("/admin/reload", admin.admin_reload)
     app.router.add_get("/admin/limits", admin.admin_limits)
+    console.add_routes(app)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from gateway.inference.rows import COLUMNS, to_row, truncate_payload
-    from gateway.inference.store import connect, engine_sharing_problem, migrate
+    from gateway.inference.store import connect, migrate
     from gateway.inference.usage import report
     from gateway.inference.writer import InferenceQueryError, InferenceWriter
 
@@ -20,7 +20,6 @@ _MODULES = {
     "to_row": "rows",
     "truncate_payload": "rows",
     "connect": "store",
-    "engine_sharing_problem": "store",
     "migrate": "store",
     "report": "usage",
     "InferenceQueryError": "writer",
@@ -32,7 +31,6 @@ __all__ = [
     "InferenceQueryError",
     "InferenceWriter",
     "connect",
-    "engine_sharing_problem",
     "migrate",
     "report",
     "to_row",

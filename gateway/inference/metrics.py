@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import weakref
 from dataclasses import dataclass, field
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
+from prometheus_client import REGISTRY, CollectorRegistry, Counter
+
+from gateway.inference.shared import SOCKET_ENV
+from gateway.metrics import SampledGauge
 
 log = logging.getLogger("gateway.inference.writer")
 
 
 @dataclass(frozen=True)
 class WriterMetrics:
-    queue_depth: Gauge
-    queue_bytes: Gauge
-    spool_bytes: Gauge
-    spool_rows: Gauge
+    queue_depth: SampledGauge
+    queue_bytes: SampledGauge
+    spool_bytes: SampledGauge
+    spool_rows: SampledGauge
     rows_written: Counter
     rows_failed: Counter
     rows_spooled: Counter
@@ -39,14 +43,21 @@ class WriterMetrics:
     @classmethod
     def _make(cls, registry: CollectorRegistry) -> WriterMetrics:
         prefix = "lockgate_inference_"
+        # Under the supervisor: what waits in memory adds up over the workers' writers; the spool is one folder that
+        # each writer counts whole at its start, so the largest count is the closest; workers that share the
+        # supervisor's writer process (chdb) each count their own files in it, which add up.
+        spool_mode = "livesum" if os.environ.get(SOCKET_ENV) else "livemax"
         return cls(
-            queue_depth=Gauge(f"{prefix}queue_depth", "Records waiting in memory for the writer", registry=registry),
-            queue_bytes=Gauge(
+            queue_depth=SampledGauge(f"{prefix}queue_depth", "Records waiting in memory for the writer",
+                                     registry=registry, multiprocess_mode="livesum"),
+            queue_bytes=SampledGauge(
                 f"{prefix}queue_bytes", "Bytes of encoded batches held in memory (waiting or being written)",
-                registry=registry,
+                registry=registry, multiprocess_mode="livesum",
             ),
-            spool_bytes=Gauge(f"{prefix}spool_bytes", "Bytes of batches spooled on disk", registry=registry),
-            spool_rows=Gauge(f"{prefix}spool_rows", "Rows of batches spooled on disk", registry=registry),
+            spool_bytes=SampledGauge(f"{prefix}spool_bytes", "Bytes of batches spooled on disk", registry=registry,
+                                     multiprocess_mode=spool_mode),
+            spool_rows=SampledGauge(f"{prefix}spool_rows", "Rows of batches spooled on disk", registry=registry,
+                                    multiprocess_mode=spool_mode),
             rows_written=Counter(f"{prefix}rows_written", "Rows inserted into ClickHouse", registry=registry),
             rows_failed=Counter(
                 f"{prefix}rows_failed", "Rows whose insert failed (they go to the spool)", registry=registry

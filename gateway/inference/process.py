@@ -1,5 +1,8 @@
 """One writer process as the gateway sees it: the spawned process, its end of the pipe, and the thread reading it.
 
+Or, under a supervisor that shares one writer process among its workers, a worker's connection to it: the same
+protocol over a unix socket, where ending the handle closes the connection and leaves the process running.
+
 A fresh interpreter (`python -c`), not multiprocessing's spawn: that would re-run the gateway's `__main__` module
 in the child, and a script without a `__name__` guard would start a gateway there. It runs in a session of its
 own, so a terminal's Ctrl-C or a signal to the gateway's process group never reaches it: the gateway ends it.
@@ -11,6 +14,7 @@ import logging
 import os
 import pickle
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -22,14 +26,17 @@ log = logging.getLogger(__name__)
 
 WATCH_S = 1.0
 REAP_S = 10.0
+CONNECT_S = 5.0
+PEER_CREDENTIALS = struct.Struct("3i")
 ENTRY = "import sys; from gateway.inference.child import main; main(int(sys.argv[1]))"
 
 
 class WriterProcess:
     def __init__(
         self,
-        process: subprocess.Popen[bytes],
+        process: subprocess.Popen[bytes] | None,
         conn: Connection,
+        pid: int,
         on_message: Callable[[WriterProcess, tuple[Any, ...]], None],
         on_exit: Callable[[WriterProcess], None],
         is_hung: Callable[[], bool],
@@ -37,6 +44,7 @@ class WriterProcess:
     ) -> None:
         self._process = process
         self._conn = conn
+        self._pid = pid
         self._on_message = on_message
         self._on_exit = on_exit
         self._is_hung = is_hung
@@ -66,17 +74,51 @@ class WriterProcess:
             child_end.close()
         conn = Connection(parent_end.detach())
         conn.send_bytes(pickle.dumps(options))
-        handle = cls(process, conn, on_message, on_exit, is_hung, on_error)
+        handle = cls(process, conn, process.pid, on_message, on_exit, is_hung, on_error)
+        handle._receiver.start()
+        return handle
+
+    @classmethod
+    def connect(
+        cls,
+        address: str,
+        on_message: Callable[[WriterProcess, tuple[Any, ...]], None],
+        on_exit: Callable[[WriterProcess], None],
+        is_hung: Callable[[], bool],
+        on_error: Callable[[Exception], None],
+    ) -> WriterProcess:
+        """A connection to the shared writer process listening at `address`; OSError when it cannot be reached.
+
+        What it answers is unpickled here, so the listener must be this user's (the kernel names its uid).
+        """
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(CONNECT_S)
+            sock.connect(address)
+            pid, uid, _gid = PEER_CREDENTIALS.unpack(
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEER_CREDENTIALS.size))
+            if uid != os.geteuid():
+                raise PermissionError(f"{address} is served by uid {uid}, not this user")
+            sock.settimeout(None)
+        except BaseException:
+            sock.close()
+            raise
+        handle = cls(None, Connection(sock.detach()), pid, on_message, on_exit, is_hung, on_error)
         handle._receiver.start()
         return handle
 
     @property
     def pid(self) -> int | None:
-        return self._process.pid
+        return self._pid
 
     @property
     def exitcode(self) -> int | None:
-        return self._process.poll()
+        return None if self._process is None else self._process.poll()
+
+    @property
+    def ending(self) -> str:
+        """How it ended, for the log."""
+        return "its connection closed" if self._process is None else f"exit code {self.exitcode}"
 
     def send(self, messages: list[bytes]) -> None:
         """Messages sent back to back, none of another thread's between them; blocks while the pipe is full."""
@@ -85,15 +127,28 @@ class WriterProcess:
                 self._conn.send_bytes(message)
 
     def kill(self) -> None:
-        if self._process.poll() is None:
+        """Ends the process; a shared one is only let go: the connection closes, and so do the threads using it."""
+        if self._process is None:
+            try:
+                with socket.socket(fileno=os.dup(self._conn.fileno())) as sock:
+                    sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        elif self._process.poll() is None:
             self._process.kill()
 
     def stop(self, timeout: float) -> None:
-        """Wait for the process to exit after its goodbye (killing it past timeout) and for its last messages."""
-        try:
-            self._process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
+        """Wait for the process to exit (or close a shared one's connection) after its goodbye, killing it past
+        timeout, and for its last messages."""
+        if self._process is None:
+            self._receiver.join(timeout)
+            if self._receiver.is_alive():
+                self.kill()
+        else:
+            try:
+                self._process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
         self._receiver.join(timeout + REAP_S)
 
     def _deliver(self, data: bytes) -> None:
@@ -113,11 +168,12 @@ class WriterProcess:
                     self.kill()
         except (EOFError, OSError):
             pass
-        try:
-            self._process.wait(REAP_S)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            self._process.wait()
+        if self._process is not None:
+            try:
+                self._process.wait(REAP_S)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                self._process.wait()
         with self._send_lock:
             self._conn.close()
         try:

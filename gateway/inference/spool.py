@@ -1,7 +1,10 @@
 """A folder of batch files that could not reach ClickHouse, replayed oldest first.
 
 The gateway's process writes the files; the writer process replays and removes them and reports what it removed,
-so the counters here (the gateway's metrics) stay right without reading the folder again.
+so the counters here (the gateway's metrics) stay right without reading the folder again. Workers that share one
+writer process share its folder too: each counts the files it wrote (their names carry its pid), and the writer
+process, the only one that replays, reports each replay to the worker that wrote the file, and at each listing
+what the folder holds of each worker's (so one that missed replays while it was not connected is set right).
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ class Spool:
 
     A file holds one frame per line; its name carries its row count (`<ns>-<pid>-<seq>-<rows>r.jsonl`).
     The owner (the gateway's process) counts the files at start and removes partial ones a crash left behind;
-    the writer process opens the same folder to replay it.
+    the writer process opens the same folder to replay it. A `shared` owner (one worker of several) counts only
+    the files it writes.
     """
 
-    def __init__(self, directory: str | os.PathLike[str], *, owner: bool = True) -> None:
+    def __init__(self, directory: str | os.PathLike[str], *, owner: bool = True, shared: bool = False) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.rejected_directory = self.directory / "rejected"
@@ -41,7 +45,7 @@ class Spool:
         self.orphans_removed = 0
         if owner:
             self.orphans_removed = self._remove_orphans()
-            for path in self.files():
+            for path in [] if shared else self.files():
                 self._bytes += path.stat().st_size
                 self._rows += rows_in(path)
 
@@ -117,10 +121,16 @@ class Spool:
         self.forget(rows, size)
         return rows, size
 
-    def forget(self, rows: int, size: int) -> None:
+    def recount(self, rows: int, size: int) -> None:
+        """This writer's files as the shared writer process found them in the folder."""
         with self._lock:
-            self._bytes -= size
-            self._rows -= rows
+            self._rows, self._bytes = rows, size
+
+    def forget(self, rows: int, size: int) -> None:
+        # Never below zero: a file of an earlier process that had this pid is not one this process counted.
+        with self._lock:
+            self._bytes = max(self._bytes - size, 0)
+            self._rows = max(self._rows - rows, 0)
 
 
 def rows_in(path: Path) -> int:

@@ -42,18 +42,6 @@ def connect(dsn: str, database: str | None = None) -> Client:
     )
 
 
-def engine_sharing_problem(dsn: str, workers: int) -> str | None:
-    """The text to refuse start-up with when several processes would each open the same embedded engine."""
-    if not is_embedded(dsn) or workers <= 1:
-        return None
-    return (
-        f"inference_table.clickhouse is {dsn!r}, the in-process chdb engine, but server.workers is {workers}: "
-        "one process owns a chdb data folder, so the other workers could not write their records. "
-        "Run one worker, or point inference_table.clickhouse at a ClickHouse server "
-        "(http://user:password@clickhouse:8123) that every worker shares."
-    )
-
-
 def _statements(sql: str) -> list[str]:
     lines = [line for line in sql.splitlines() if not line.lstrip().startswith("--")]
     return [part.strip() for part in "\n".join(lines).split(";") if part.strip()]

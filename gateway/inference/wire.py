@@ -1,7 +1,8 @@
 """Records as bytes: the form a batch takes on the pipe to the writer process and in a spool file.
 
 A batch is a sequence of frames; a frame is one JSON array of records, serialized by one orjson call.
-Frames stay small so that no single call holds the GIL for long in the gateway's process.
+Frames stay small so that no single call holds the GIL for long in the gateway's process. On the pipe, every
+message is length-prefixed as multiprocessing's Connection does it, so the gateway's side keeps using one.
 
 Encoding never fails: a record orjson refuses is encoded field by field, a payload that cannot be encoded is
 replaced by a marker naming the reason, and any other bad value becomes text, so the row is still written.
@@ -9,6 +10,7 @@ replaced by a marker naming the reason, and any other bad value becomes text, so
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -30,6 +32,9 @@ _REASONS = (
 )
 UNSERIALIZABLE = ("unserializable", "a value that cannot be written as JSON")
 NOT_A_RECORD = "not_a_record"
+# Connection's prefix: a signed 32-bit length, or -1 and then an unsigned 64-bit one.
+_LENGTH = struct.Struct("!i")
+_LONG_LENGTH = struct.Struct("!Q")
 
 # Called with the reason label and the request id once for each record the fallback path had to alter.
 OnUnencodable = Callable[[str, str], None]
@@ -161,3 +166,42 @@ def decode_frames(frames: Iterable[bytes]) -> list[dict[str, Any]]:
         for record in value if isinstance(value, list) else [value]:
             records.append(record if isinstance(record, dict) else {"request_id": safe_text(record)})
     return records
+
+
+def framed(message: bytes) -> bytes:
+    """One message as Connection.send_bytes puts it on the wire, for its recv_bytes on the other end."""
+    if len(message) > 0x7FFFFFFF:
+        return _LENGTH.pack(-1) + _LONG_LENGTH.pack(len(message)) + message
+    return _LENGTH.pack(len(message)) + message
+
+
+class MessageReader:
+    """Cuts a byte stream into Connection's messages as it arrives, so a reader serving several peers never blocks
+    on one that sent half a message."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self._buffer = bytearray()
+        self._max_bytes = max_bytes
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """The messages `data` completes; ValueError for a length beyond max_bytes (the stream cannot be trusted)."""
+        buffer = self._buffer
+        buffer += data
+        messages: list[bytes] = []
+        start = 0
+        while len(buffer) - start >= _LENGTH.size:
+            (size,) = _LENGTH.unpack_from(buffer, start)
+            header = _LENGTH.size
+            if size == -1:
+                if len(buffer) - start < header + _LONG_LENGTH.size:
+                    break
+                (size,) = _LONG_LENGTH.unpack_from(buffer, start + header)
+                header += _LONG_LENGTH.size
+            if not 0 <= size <= self._max_bytes:
+                raise ValueError(f"a message of {size} bytes (at most {self._max_bytes})")
+            if len(buffer) - start < header + size:
+                break
+            messages.append(bytes(buffer[start + header:start + header + size]))
+            start += header + size
+        del buffer[:start]
+        return messages

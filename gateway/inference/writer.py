@@ -7,6 +7,8 @@ down a pipe; a receiver thread per writer process reads its acks. A batch stays 
 the spool when the process refuses it, dies, or hangs, so nothing is lost and a replay carries the same records
 (and so the same dedup token) as the first try. Encoded batches held in memory are bounded in rows and bytes:
 past either bound the oldest go to the spool, and only when the spool refuses them too are they dropped (counted).
+Under a supervisor with a chdb DSN, the writer process is the supervisor's, shared by every worker: a worker then
+connects to it (`LOCKGATE_INFERENCE_SOCKET`) instead of starting one, and reconnects when the connection ends.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 import threading
 import time
 from collections import deque
@@ -28,6 +31,7 @@ from gateway.inference.child import BATCH, BATCH_HEADER, FLUSH, GOODBYE, QUERY, 
 from gateway.inference.holding import Batch, Holding
 from gateway.inference.metrics import Mishaps, WriterMetrics
 from gateway.inference.process import WriterProcess
+from gateway.inference.shared import SOCKET_ENV
 from gateway.inference.spool import Spool
 
 if TYPE_CHECKING:
@@ -41,6 +45,8 @@ log = logging.getLogger(__name__)
 WINDOW = 4
 MIN_RESTART_S = 0.5
 MAX_RESTART_S = 30.0
+# A shared writer process is restarted by the supervisor: a worker tries again soon, connecting costs nothing.
+MAX_RECONNECT_S = 5.0
 # A batch unacked this long means the process hangs (one insert is bounded by the client's 30 s timeout).
 HUNG_S = 120.0
 # Past the stop deadline: time for the last spool writes after the process was killed.
@@ -90,6 +96,7 @@ class InferenceWriter:
         spool_dir: str | Path = "var/spool",
         registry: CollectorRegistry | None = None,
         connect_client: Callable[[], Client] | None = None,
+        shared_socket: str | None = None,
     ) -> None:
         self.dsn = dsn
         self.database = database
@@ -99,7 +106,9 @@ class InferenceWriter:
         self._queue_max_bytes = queue_max_bytes
         self._options = ChildOptions(dsn, database, log_payloads, max_payload_bytes, payload_ttl_days,
                                      str(spool_dir), self._interval_s, connect_client)
-        self.spool = Spool(spool_dir)
+        self._shared_socket = shared_socket
+        self._max_restart_s = MAX_RESTART_S if shared_socket is None else MAX_RECONNECT_S
+        self.spool = Spool(spool_dir, shared=shared_socket is not None)
         self.registry = REGISTRY if registry is None else registry
         self.metrics = WriterMetrics.create(self.registry)
         self.metrics.queue_depth.set_function(lambda: self.queue_depth)
@@ -136,6 +145,7 @@ class InferenceWriter:
             max_payload_bytes=config.max_payload_bytes, payload_ttl_days=config.payload_ttl_days,
             batch_rows=config.batch_rows, flush_interval_ms=config.flush_interval_ms, queue_max=config.queue_max,
             queue_max_bytes=config.queue_max_bytes, spool_dir=config.spool_dir, registry=registry,
+            shared_socket=os.environ.get(SOCKET_ENV) or None,
         )
 
     @property
@@ -253,14 +263,21 @@ class InferenceWriter:
                         "the next start writes them", self.spool.rows, self.spool.directory)
 
     def _spawn(self) -> None:
+        handlers = (self._on_message, self._on_exit, self._is_hung, lambda error: self._mishaps.error("receiver", error))
         try:
-            process = WriterProcess.start(self._options, self._on_message, self._on_exit, self._is_hung,
-                                          lambda error: self._mishaps.error("receiver", error))
-        except OSError:
-            log.exception("cannot start the inference writer process; spooling to %s", self.spool.directory)
+            if self._shared_socket is None:
+                process = WriterProcess.start(self._options, *handlers)
+            else:
+                process = WriterProcess.connect(self._shared_socket, *handlers)
+        except OSError as error:
+            if self._shared_socket is None:
+                log.exception("cannot start the inference writer process; spooling to %s", self.spool.directory)
+            elif self._restart_s == MIN_RESTART_S:
+                log.warning("cannot reach the shared inference writer at %s (%s); spooling to %s until it answers",
+                            self._shared_socket, error, self.spool.directory)
             with self._lock:
                 self._restart_at = time.monotonic() + self._restart_s
-                self._restart_s = min(self._restart_s * 2, MAX_RESTART_S)
+                self._restart_s = min(self._restart_s * 2, self._max_restart_s)
             return
         with self._lock:
             self._process = process
@@ -407,6 +424,8 @@ class InferenceWriter:
         elif kind == "rejected":
             self.spool.forget(message[1], message[2])
             self.metrics.rows_dropped.labels(message[3]).inc(message[1])
+        elif kind == "spool":
+            self.spool.recount(message[1], message[2])
         elif kind == "flushed":
             with self._lock:
                 request = self._flush_ids.pop(message[1], None)
@@ -455,12 +474,12 @@ class InferenceWriter:
                 query.done.set()
             # A flush waiting means "retry now"; otherwise a process that keeps dying is restarted ever more slowly.
             self._restart_at = time.monotonic() + (0.0 if self._flushes else self._restart_s)
-            self._restart_s = min(self._restart_s * 2, MAX_RESTART_S)
+            self._restart_s = min(self._restart_s * 2, self._max_restart_s)
         for batch in lost:
             self._holding.spool_returned(batch)
         if not stopping:
-            log.warning("inference writer process %s ended (exit code %s); %d batches spooled, restarting",
-                        process.pid, process.exitcode, len(lost))
+            log.warning("inference writer process %s ended (%s); %d batches spooled, %s", process.pid, process.ending,
+                        len(lost), "restarting" if self._shared_socket is None else "reconnecting")
             self.metrics.process_restarts.inc()
         self._wake.set()
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import aiohttp
 import orjson
 
+from gateway import telemetry
 from gateway.providers.base import FailureKind, LastEvent, UpstreamError, check_chunk
 from gateway.providers.h11client import MAX_HEAD_BYTES, MAX_RESPONSE_BYTES, ConnectError, HttpClient, ProtocolError, Response
 from gateway.sse import MAX_EVENT_BYTES, EventReader, InvalidEvent
@@ -107,9 +108,10 @@ class HttpTransport:
     async def post(self, url: str, body: bytes, headers: dict[str, str], timeout: aiohttp.ClientTimeout) -> Response:
         """Sends the request; returns the response once its head arrived with a 2xx status."""
         assert self.client is not None, "provider used before start()"
+        trace_headers = b"" if telemetry.TRACING is None else telemetry.TRACING.outgoing()
         try:
             response = await self.client.post(url, body, headers, timeout.sock_connect, timeout.sock_read,
-                                              timeout.total)
+                                              timeout.total, trace_headers)
         except TimeoutError as exc:
             raise self.failure("timeout", "no answer within the timeout") from exc
         except ProtocolError as exc:

@@ -15,8 +15,9 @@ from policies.schema import CircuitBreakerConfig
 
 CLOSED, OPEN, HALF_OPEN = 0, 1, 2
 
+# Each worker keeps its own breakers: under the supervisor, the worst live worker's state (non-zero: some worker avoids it).
 BREAKER_STATE = Gauge("lockgate_circuit_breaker_state", "Circuit breaker state: 0 closed, 1 open, 2 half-open",
-                      ["route", "target"])
+                      ["route", "target"], multiprocess_mode="livemax")
 
 
 class CircuitBreaker:

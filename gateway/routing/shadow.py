@@ -16,7 +16,7 @@ log = logging.getLogger("lockgate.shadow")
 
 SHADOW_REQUESTS = Counter("lockgate_shadow_requests", "Shadow calls by outcome: started, skipped (too many in flight)",
                           ["route", "outcome"])
-SHADOW_IN_FLIGHT = Gauge("lockgate_shadow_in_flight", "Shadow calls running")
+SHADOW_IN_FLIGHT = Gauge("lockgate_shadow_in_flight", "Shadow calls running", multiprocess_mode="livesum")
 
 Record = Callable[[Exchange], None]
 

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import cast
 
-from gateway import metrics
+from gateway import metrics, telemetry
 from gateway.compiled import CompiledPolicy, Route, Target
 from gateway.errors import GatewayError, bad_request
 from gateway.exchange import Exchange
@@ -148,9 +148,9 @@ async def _attempt(target: Target, op: Op, body: dict, ex: Exchange, stream: boo
                    config: CircuitBreakerConfig | None, native: NativeRequest | None) -> Completion | ChunkStream:
     started = time.perf_counter()
     try:
-        if stream:
-            return await _open_primed(target, op, body, ex, breaker, config, native)
-        return await _call(target, op, body, ex, False, native)
+        calling = (_open_primed(target, op, body, ex, breaker, config, native) if stream
+                   else _call(target, op, body, ex, False, native))
+        return await (calling if telemetry.TRACING is None else telemetry.TRACING.attempt(target, ex, calling))
     finally:
         _note_attempt(ex, target, started)
 
@@ -166,7 +166,8 @@ async def _direct(target: Target, op: Op, body: dict, ex: Exchange, stream: bool
                   native: NativeRequest | None) -> Completion | ChunkStream:
     started = time.perf_counter()
     try:
-        return await _call(target, op, body, ex, stream, native)
+        calling = _call(target, op, body, ex, stream, native)
+        return await (calling if telemetry.TRACING is None else telemetry.TRACING.attempt(target, ex, calling))
     except UpstreamError as err:
         raise upstream_failure(err) from None
     except (UnsupportedOperation, TranslationError) as exc:

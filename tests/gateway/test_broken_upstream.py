@@ -89,6 +89,9 @@ def _policy() -> str:
         timeout = f", timeout: {{{{first_byte_ms: 1500, total_ms: {int(DRIP_TOTAL_S * 1000)}}}}}" if case == "drip" else ""
         lines.append(f"  {case}: {{{{targets: [{{{{provider: raw, model: {case}}}}}]{timeout}}}}}")
         lines.append(f"  fb-{case}: {{{{targets: [{{{{provider: raw, model: {case}}}}}], fallbacks: [good]{timeout}}}}}")
+    # A token limit loads the tokenizer at start, so the memory baseline holds it: answers cut short or without
+    # usage are counted with it.
+    lines += ["limits:", "  - {{scope: user, tokens: 1000000000/minute}}"]
     return "\n".join(lines) + "\n"
 
 

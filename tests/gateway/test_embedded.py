@@ -23,7 +23,6 @@ from tests.served import Served, start_gateway
 
 pytestmark = [pytest.mark.runtime, pytest.mark.asyncio(loop_scope="module")]
 
-REPO = Path(__file__).resolve().parents[2]
 
 POLICY = """
 providers:
@@ -46,7 +45,7 @@ ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 @pytest.fixture(scope="module")
 def model_path() -> Path:
-    return prepare_model("smollm2-135m-instruct", REPO / "var" / "models" / "smollm2-135m-instruct")
+    return prepare_model("smollm2-135m-instruct")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

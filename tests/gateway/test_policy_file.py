@@ -96,6 +96,21 @@ def test_lockgate_check_names_the_bad_line(tmp_path: Path) -> None:
     assert result.returncode == 0 and "OK" in result.stdout
 
 
+def test_lockgate_check_warns_of_a_routed_model_without_a_price(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    env = {"CI_BOT_KEY": "lg-ci-bot-secret", "OPENAI_API_KEY": "sk-x"}
+    path.write_text(GOOD)
+    result = _lockgate("check", str(path), env=env)
+    assert result.returncode == 0
+    assert "warning: routes.chat-default: model 'gpt-4o-mini' has no entry under 'prices'" in result.stderr
+    path.write_text(GOOD + "prices: {gpt-4o-mini: {input: 0.15, output: 0.6}}\n")
+    result = _lockgate("check", str(path), env=env)
+    assert result.returncode == 0 and "warning" not in result.stderr
+    path.write_text(GOOD + "prices: {gpt-4o-mini: {input: 0.15, output: 0.6, cache_write: 0.0000001}}\n")
+    result = _lockgate("check", str(path), env=env)
+    assert result.returncode == 1 and "prices.gpt-4o-mini" in result.stderr and "6 decimal places" in result.stderr
+
+
 def test_keys_new_prints_a_key_once_and_its_hash_line() -> None:
     result = _lockgate("keys", "new", "--user", "alice", "--id", "alice-2")
     assert result.returncode == 0

@@ -1,6 +1,6 @@
 from clickhouse_connect.driver.client import Client
 
-from gateway.inference import COLUMNS, engine_sharing_problem, migrate, to_row, truncate_payload
+from gateway.inference import COLUMNS, migrate, to_row, truncate_payload
 from tests.inference.records import make_record
 
 
@@ -31,7 +31,8 @@ def test_truncation_keeps_utf8_valid_and_within_limit() -> None:
 def test_migrate_is_versioned_and_idempotent(clickhouse: Client, database: str) -> None:
     assert migrate(clickhouse, database) == []
     versions = clickhouse.query(f"SELECT version, name FROM {database}.schema_migrations ORDER BY version")
-    assert versions.result_rows == [(1, "001_inference"), (2, "002_rollups"), (3, "003_date_column")]
+    assert versions.result_rows == [(1, "001_inference"), (2, "002_rollups"), (3, "003_date_column"),
+                                    (4, "004_token_kinds")]
     columns = clickhouse.query(f"SELECT name, type FROM system.columns WHERE database = '{database}' "
                                "AND table = 'inference' AND name IN ('ts', 'date')")
     assert dict(columns.result_rows) == {"ts": "DateTime64(3, 'UTC')", "date": "Date"}
@@ -46,10 +47,3 @@ def test_payload_ttl_follows_policy_after_creation(clickhouse: Client, database:
     migrate(clickhouse, database, payload_ttl_days=7)
     ddl = clickhouse.command(f"SHOW CREATE TABLE {database}.inference")
     assert "response_payload` String CODEC(ZSTD(3)) TTL toDateTime(ts) + toIntervalDay(7)" in ddl.replace("\\n", " ")
-
-
-def test_embedded_engine_with_several_workers_is_refused_with_explanation() -> None:
-    problem = engine_sharing_problem("chdb://var/clickhouse", workers=4)
-    assert problem is not None and "http://" in problem and "workers is 4" in problem
-    assert engine_sharing_problem("chdb://var/clickhouse", workers=1) is None
-    assert engine_sharing_problem("http://u:p@clickhouse:8123", workers=8) is None

@@ -60,7 +60,7 @@ def test_the_gateways_process_loads_no_clickhouse_driver() -> None:
     script = (
         "import json, sys\n"
         "import gateway.app, gateway.cli\n"
-        "from gateway.inference import InferenceWriter, engine_sharing_problem\n"
+        "from gateway.inference import InferenceWriter, migrate\n"
         "print(json.dumps(sorted(name for name in ('clickhouse_connect', 'chdb') if name in sys.modules)))\n"
     )
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)

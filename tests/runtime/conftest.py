@@ -10,11 +10,11 @@ import psutil
 import pytest
 import pytest_asyncio
 
-from runtime import EmbeddedEngine, prepare_model
+from runtime import EmbeddedEngine, model_dir, prepare_model
 
-REPO = Path(__file__).resolve().parents[2]
 MODEL_NAME = "smollm2-135m-instruct"
-MODEL_DIR = REPO / "var" / "models"
+# The store `make model` (`lockgate models prepare`) fills: the model is converted once per user, not per checkout.
+MODEL_DIR = model_dir()
 MAX_MODEL_LEN = 1024
 # Two sequences at a time makes queueing (and so priority order) observable with short answers.
 MAX_NUM_SEQS = 2
@@ -22,7 +22,7 @@ MAX_NUM_SEQS = 2
 
 @pytest.fixture(scope="session")
 def model_path() -> Path:
-    """The prepared model folder; converted on the first run, reused from var/models afterwards."""
+    """The prepared model folder; converted on the first run, reused from the model store afterwards."""
     return prepare_model(MODEL_NAME, MODEL_DIR / MODEL_NAME)
 
 
