@@ -14,7 +14,7 @@ from aiohttp import web
 from gateway import telemetry
 from gateway.api.cors import install_cors
 from gateway.api.routes import add_routes
-from gateway.auth import SIGN_IN, SignIn
+from gateway.api.signin import SIGN_IN, SignIn
 from gateway.compiled import ProviderPool
 from gateway.context import GATEWAY, Gateway
 from gateway.errors import GatewayError

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from gateway.ids import uuid7
+from gateway.inference.ids import uuid7
 from gateway.providers import Usage
 
 

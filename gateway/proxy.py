@@ -13,7 +13,7 @@ from aiohttp import http_exceptions, web
 from gateway import governance, metrics, telemetry
 from gateway.api.connections import describe_fault
 from gateway.api.doors import CHAT, Door
-from gateway.auth import SIGN_IN
+from gateway.api.signin import SIGN_IN
 from gateway.compiled import CompiledPolicy, Route
 from gateway.context import GATEWAY
 from gateway.errors import GatewayError, bad_request, model_not_found, unauthorized

@@ -17,8 +17,8 @@ from gateway.governance import TextTally
 from gateway.guarding import ChunkGuard, failure, note_findings, violation
 from gateway.inference.transcript import Transcript
 from gateway.providers import ChunkStream, UpstreamError, Usage
+from gateway.providers.sse import DONE, event
 from gateway.routing.upstream import upstream_failure
-from gateway.sse import DONE, event
 from guardrails import GuardrailError
 
 log = logging.getLogger("lockgate")

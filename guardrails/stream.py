@@ -17,20 +17,23 @@ from guardrails.guard import Action, Direction, Finding, block_message, check_ac
 if TYPE_CHECKING:
     from guardrails.guard import Guardrails
 
-# Atomic groups: a token is matched one way only. With plain groups a run of tokens holding several digits each
-# (`-41809, -41809, ...`) could be split in exponentially many ways before a failed match gave up (ten tokens
-# took 50 s). A token ends at a space or the end, so committing to the first way changes nothing matched.
-_JOINABLE = r"(?>\S*\d\S*|[A-Z0-9]{1,4}|[^\w\s]{1,4})"
+# Each token is matched one way only: an atomic group around alternatives that must each reach the token's end.
+# With plain groups a run of tokens holding several digits each (`-41809, -41809, ...`) could be split in
+# exponentially many ways before a failed match gave up (ten tokens took 50 s). Every alternative that matches
+# ends where the token ends, so committing to the first one changes nothing that matches.
+_JOINABLE_FORMS = r"\S*\d\S*|[A-Z0-9]{1,4}|[^\w\s]{1,4}"
+_TOKEN_END = r"(?=[ \u00a0]|\Z)"
 _SEP = r"[ \u00a0]{1,2}"
 _NAME_WORD = r"[A-Z][\w'\u2019.-]*"
 
 
-def _tail(joinable: str) -> re.Pattern[str]:
+def _tail(forms: str) -> re.Pattern[str]:
+    joinable = rf"(?>(?:{forms}){_TOKEN_END})"
     return re.compile(rf"(?:{joinable}{_SEP})*{joinable}[ \u00a0]{{0,2}}\Z|\S*\Z")
 
 
-_TAIL = _tail(_JOINABLE)
-_NER_TAIL = _tail(f"(?>{_JOINABLE}|{_NAME_WORD})")
+_TAIL = _tail(_JOINABLE_FORMS)
+_NER_TAIL = _tail(f"{_JOINABLE_FORMS}|{_NAME_WORD}")
 # Enough released text in front of the buffer for \b and look-behinds to see what the full text shows.
 CONTEXT_CHARS = 16
 # A held tail never grows past this unless a finding straddles it: a run without spaces (a long URL,

@@ -18,7 +18,7 @@ from gateway.providers.anthropic_translate import InvalidMessage, StreamTranslat
 from gateway.providers.base import ChunkStream, Completion, Op, Provider, UpstreamError, Usage
 from gateway.providers.h11client import ProtocolError, Response
 from gateway.providers.http import DEFAULT_LIMITS, HttpLimits, HttpTransport, credentials
-from gateway.sse import EventReader, InvalidEvent
+from gateway.providers.sse import EventReader, InvalidEvent
 
 
 class AnthropicProvider(Provider):

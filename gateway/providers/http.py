@@ -16,7 +16,7 @@ import orjson
 from gateway import telemetry
 from gateway.providers.base import FailureKind, LastEvent, UpstreamError, check_chunk
 from gateway.providers.h11client import MAX_HEAD_BYTES, MAX_RESPONSE_BYTES, ConnectError, HttpClient, ProtocolError, Response
-from gateway.sse import MAX_EVENT_BYTES, EventReader, InvalidEvent
+from gateway.providers.sse import MAX_EVENT_BYTES, EventReader, InvalidEvent
 
 _MAX_MESSAGE_CHARS = 512
 _MAX_ERROR_BODY_BYTES = 65536

@@ -344,7 +344,8 @@ def test_arguments_that_are_not_a_json_object_become_an_empty_input() -> None:
     message = message_from_chat(completion, translated)
     assert [(block["name"], block["input"]) for block in message["content"]] == [("f", {}), ("g", {})]
     assert message["usage"] == {"input_tokens": 0, "output_tokens": 0, "cache_creation_input_tokens": 0,
-                                "cache_read_input_tokens": 0}
+                                "cache_read_input_tokens": 0,
+                                "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0}}
 
 
 def _events(frames: list[bytes]) -> list[dict]:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.sse import EventReader, InvalidEvent
+from gateway.providers.sse import EventReader, InvalidEvent
 
 
 class Pieces:

@@ -1,7 +1,11 @@
+import re
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from guardrails import Guardrails, StreamScanner, words_to_regex
-from guardrails.stream import clip_text
+from guardrails.stream import _NER_TAIL, _TAIL, clip_text
 
 MESSAGE = (
     "Done. Mail anna.k@example.net, call +1-415-555-0132, card 4111-1111-1111-1111, "
@@ -110,4 +114,22 @@ def test_a_long_run_of_digit_tokens_is_released_in_bounded_time() -> None:
     delta = "-41809, " * 8000 + "Zz"
     assert scanner.feed(delta) == delta[:-2]
     assert scanner.finish() == "Zz"
-    assert clip_text("-41809, " * 60 + "Zz 12", 484) == "-41809, " * 60 + "Zz "
+    assert clip_text("-41809, " * 60 + "zz 12", 484) == "-41809, " * 60 + "zz "
+
+
+_PLAIN_FORMS = r"(?:\S*\d\S*|[A-Z0-9]{1,4}|[^\w\s]{1,4})"
+_PLAIN_SEP = r"[ \u00a0]{1,2}"
+
+
+def _backtracking_tail(joinable: str) -> re.Pattern[str]:
+    """The tail rule as it was written first, every token free to match in several ways: the reference."""
+    return re.compile(rf"(?:{joinable}{_PLAIN_SEP})*{joinable}[ \u00a0]{{0,2}}\Z|\S*\Z")
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.text(alphabet="12AaSz -,.'\u00a0", max_size=14))
+def test_the_one_way_tail_rule_finds_the_tail_the_backtracking_one_finds(text: str) -> None:
+    name_word = r"[A-Z][\w'\u2019.-]*"
+    for reference, rule in ((_backtracking_tail(_PLAIN_FORMS), _TAIL),
+                            (_backtracking_tail(f"(?:{_PLAIN_FORMS}|{name_word})"), _NER_TAIL)):
+        assert reference.search(text).start() == rule.search(text).start()
