@@ -22,6 +22,7 @@ from gateway.providers import Op
 from gateway.routing.upstream import complete, open_stream
 from gateway.streaming import RelayOptions, relay
 from guardrails import clip_text
+from policies import Admission
 from policies.keys import Principal
 from policies.schema import ServerConfig
 from policies.tokens import count_prompt_tokens
@@ -219,8 +220,16 @@ async def serve(request: web.Request, door: Door, policy: CompiledPolicy, ex: Ex
                               {"x-request-id": ex.request_id, **admission.headers()})
     finally:
         if ex.usage is None and ex.answer_text is not None:
-            ex.usage = await governance.estimate_usage(ex, route.targets[0].model, op, body)
-        await governance.settle(policy.governance, admission, ex)
+            # Shielded: a handler cancelled while the count runs (its client hung up) still charges the answer.
+            await asyncio.shield(_estimate_and_settle(policy, admission, ex, route.targets[0].model, op, body))
+        else:
+            await governance.settle(policy.governance, admission, ex)
+
+
+async def _estimate_and_settle(policy: CompiledPolicy, admission: Admission, ex: Exchange, model: str, op: str,
+                               body: dict) -> None:
+    ex.usage = await governance.estimate_usage(ex, model, op, body)
+    await governance.settle(policy.governance, admission, ex)
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,30 @@ from pathlib import Path
 import aiohttp
 
 
+def alive(pid: int) -> bool:
+    """Running, as opposed to gone or a zombie nobody has reaped yet."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+_COUNT_ROWS = ("import sys\nfrom gateway.inference import connect\nclient = connect('chdb://' + sys.argv[1])\n"
+               "print(*client.query('SELECT count(), uniqExact(request_id) FROM lockgate.inference').result_rows[0])\n"
+               "client.close()\n")
+
+
+def chdb_row_counts(folder: Path) -> tuple[int, int]:
+    """Rows and distinct request ids in a chdb folder's inference table, read by a process of its own: only once
+    the gateway that held the folder has exited."""
+    done = subprocess.run([sys.executable, "-c", _COUNT_ROWS, str(folder)], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows, ids = done.stdout.split()
+    return int(rows), int(ids)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

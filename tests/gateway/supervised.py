@@ -11,7 +11,7 @@ import aiohttp
 from aiohttp import web
 
 from tests.conftest import ALICE_KEY
-from tests.served import Served
+from tests.served import Served, alive
 
 POLICY = """
 server: {{shutdown_timeout_s: {shutdown}, watch_interval_s: 60}}
@@ -55,14 +55,6 @@ def children(pid: int) -> set[int]:
     for task in os.listdir(f"/proc/{pid}/task"):
         found.update(int(child) for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split())
     return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 async def worker_pids(served: Served, count: int, timeout_s: float = 60.0) -> set[int]:

@@ -17,8 +17,8 @@ from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from tests.conftest import policy_text
-from tests.gateway.supervised import CHAT, HEADERS, POLICY, SlowUpstream, alive, connections_held, worker_pids
-from tests.served import Served, free_port, start_gateway
+from tests.gateway.supervised import CHAT, HEADERS, POLICY, SlowUpstream, connections_held, worker_pids
+from tests.served import Served, alive, free_port, start_gateway
 
 K = 40
 HANGING = 6

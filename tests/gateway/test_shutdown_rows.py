@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 
 from tests.conftest import policy_text, sdk
 from tests.fakes.openai_upstream import FakeOpenAI
-from tests.served import Served, free_port
+from tests.served import Served, alive, chdb_row_counts, free_port
 
 # Rows reach ClickHouse only at the stop: the flush interval and batch size are far beyond the test.
 POLICY = """
@@ -36,13 +35,6 @@ inference_table:
 """
 
 REQUESTS = 40
-READ_ROWS = textwrap.dedent("""
-    import sys
-    from gateway.inference import connect
-    client = connect("chdb://" + sys.argv[1])
-    print(*client.query("SELECT count(), uniqExact(request_id) FROM lockgate.inference").result_rows[0])
-    client.close()
-""")
 
 
 async def start_in_own_process_group(path: Path, ready_timeout_s: float = 60.0) -> Served:
@@ -86,14 +78,6 @@ def writer_processes(parent: int) -> list[int]:
         if b"gateway.inference.child" in cmdline and int(stat.rpartition(")")[2].split()[1]) == parent:
             found.append(int(entry.name))
     return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 @pytest.fixture
@@ -141,10 +125,7 @@ async def test_a_stop_signal_to_every_process_leaves_every_row_in_the_table(serv
     logs = gateway.log_path.read_text(errors="replace")
 
     assert not alive(writers[0])
-    read = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", READ_ROWS, str(chdb)],
-                                   capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[2])
-    assert read.returncode == 0, read.stderr[-4000:]
-    assert read.stdout.split() == [str(REQUESTS), str(REQUESTS)], logs[-4000:]
+    assert await asyncio.to_thread(chdb_row_counts, chdb) == (REQUESTS, REQUESTS), logs[-4000:]
     assert sorted(spool.glob("*.jsonl")) == []
     assert "rows in the spool" not in logs and "rows still in memory" not in logs
     assert "stopped" in logs

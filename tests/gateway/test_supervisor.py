@@ -24,12 +24,11 @@ from tests.gateway.supervised import (
     HEADERS,
     POLICY,
     SlowUpstream,
-    alive,
     children,
     connections_held,
     worker_pids,
 )
-from tests.served import Served, start_gateway
+from tests.served import Served, alive, chdb_row_counts, start_gateway
 
 CLIENTS = 24
 HOLD_S = 0.4
@@ -235,8 +234,6 @@ inference_table:
   spool_dir: "{spool}"
   flush_interval_ms: 200
 """
-READ_ROWS = ("import sys\nfrom gateway.inference import connect\nclient = connect('chdb://' + sys.argv[1])\n"
-             "print(*client.query('SELECT count(), uniqExact(request_id) FROM lockgate.inference').result_rows[0])\n")
 ROWS_AFTER_RESTART = 30
 
 
@@ -260,6 +257,5 @@ async def test_a_restarted_worker_hands_its_rows_to_the_supervisors_chdb_writer(
     finally:
         served.process.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(served.process.wait, 90) == 0
-    done = subprocess.run([sys.executable, "-c", READ_ROWS, str(chdb)], capture_output=True, text=True, check=True)
-    assert done.stdout.split() == [str(ROWS_AFTER_RESTART)] * 2
+    assert chdb_row_counts(chdb) == (ROWS_AFTER_RESTART, ROWS_AFTER_RESTART)
     assert not list(spool.glob("*.jsonl")), "rows were left in the spool"

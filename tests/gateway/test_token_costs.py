@@ -71,7 +71,7 @@ EXPECTED: dict[str, tuple[int, int, int, int, int, int, int, int]] = {
 }
 COLUMNS = ["prompt_tokens", "cached_tokens", "cache_write_tokens", "cache_write_1h_tokens", "completion_tokens",
            "reasoning_tokens", "cost_micro_usd", "cache_savings_micro_usd", "usage_estimated", "endpoint", "streamed",
-           "status", "request_id"]
+           "status", "request_id", "error_code"]
 HI = [{"role": "user", "content": "Summarise the cached document."}]
 
 
@@ -227,8 +227,14 @@ async def test_a_stream_cut_short_is_charged_for_what_was_sent(served) -> None:
             server.make_url("/v1/chat/completions"), headers={"Authorization": f"Bearer {ALICE_KEY}"},
             json={"model": "cut-short", "messages": HI, "stream": True}) as resp:
         body = await resp.text()
+        # The row is written once the handler has counted the answer, after its last byte: wait for it.
+        for _ in range(100):
+            rows = await _rows(server, "cut-short")
+            if rows:
+                break
+            await asyncio.sleep(0.1)
+        (row,) = rows
     assert resp.status == 200 and '"error"' in body and "[DONE]" not in body
-    (row,) = await _rows(server, "cut-short")
     assert row["status"] == 502 and row["usage_estimated"] is True
     completion = count_text_tokens("cut-short", "".join(WORDS))
     prompt = count_prompt_tokens("cut-short", "chat", {"model": "cut-short", "messages": HI})

@@ -7,9 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
-import textwrap
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,7 +15,7 @@ import pytest
 
 from tests.conftest import ALICE_KEY, policy_text
 from tests.fakes.openai_upstream import FakeOpenAI
-from tests.served import Served, start_gateway
+from tests.served import Served, chdb_row_counts, start_gateway
 
 POLICY = """
 server: {{workers: 2, shutdown_timeout_s: 30}}
@@ -33,13 +30,6 @@ inference_table:
   flush_interval_ms: 200
 """
 REQUESTS = 60
-READ_ROWS = textwrap.dedent("""
-    import sys
-    from gateway.inference import connect
-    client = connect("chdb://" + sys.argv[1])
-    print(*client.query("SELECT count(), uniqExact(request_id) FROM lockgate.inference").result_rows[0])
-    client.close()
-""")
 
 
 def descendants(pid: int) -> set[int]:
@@ -99,9 +89,6 @@ async def test_two_workers_on_chdb_leave_one_row_per_request_after_sigterm(serve
     assert await asyncio.to_thread(gateway.process.wait, 90) == 0
     logs = gateway.log_path.read_text(errors="replace")
 
-    read = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", READ_ROWS, str(chdb)],
-                                   capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[2])
-    assert read.returncode == 0, read.stderr[-4000:]
-    assert read.stdout.split() == [str(REQUESTS), str(REQUESTS)], logs[-4000:]
+    assert await asyncio.to_thread(chdb_row_counts, chdb) == (REQUESTS, REQUESTS), logs[-4000:]
     assert sorted(spool.glob("*.jsonl")) == []
     assert "rows in the spool" not in logs and "rows still in memory" not in logs

@@ -13,17 +13,9 @@ import pytest
 
 from gateway.inference import InferenceQueryError, InferenceWriter
 from tests.inference.records import count_rows, make_record, rollup_requests
+from tests.served import alive
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def alive(pid: int) -> bool:
-    """Running, as opposed to gone or a zombie nobody has reaped yet."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def wait_for(condition, timeout: float = 30.0) -> bool:
