@@ -15,11 +15,12 @@ from gateway.api.connections import describe_fault
 from gateway.api.doors import CHAT, Door
 from gateway.api.signin import SIGN_IN
 from gateway.compiled import CompiledPolicy, Route
-from gateway.context import GATEWAY
+from gateway.context import GATEWAY, Gateway
 from gateway.errors import GatewayError, bad_request, model_not_found, unauthorized
 from gateway.exchange import Exchange
-from gateway.providers import Op
-from gateway.routing.upstream import complete, open_stream
+from gateway.providers import Completion, Op
+from gateway.providers.anthropic_native import NativeRequest
+from gateway.routing.upstream import Resilience, complete, open_stream
 from gateway.streaming import RelayOptions, relay
 from guardrails import clip_text
 from policies import Admission
@@ -197,15 +198,7 @@ async def serve(request: web.Request, door: Door, policy: CompiledPolicy, ex: Ex
     ex.key_id, ex.user, ex.groups = principal.key_id, principal.user, principal.groups
     op = door.op
     body, state = door.prepare(await read_body(request, policy.loaded.policy.server))
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise bad_request("You must provide a model parameter.", "model", "missing_required_parameter")
-    route = policy.routes.get(model)
-    if route is None:
-        raise model_not_found(model)
-    ex.route, ex.priority = model, route.config.priority
-    if policy.group_priorities:
-        ex.priority = min([ex.priority, *(policy.group_priorities.get(g, ex.priority) for g in principal.groups)])
+    route = _route_of(policy, principal, body, ex)
     _client_metadata(request, body, ex)
     stream = _validate(body, op)
     ex.streamed = stream
@@ -224,6 +217,19 @@ async def serve(request: web.Request, door: Door, policy: CompiledPolicy, ex: Ex
             await asyncio.shield(_estimate_and_settle(policy, admission, ex, route.targets[0].model, op, body))
         else:
             await governance.settle(policy.governance, admission, ex)
+
+
+def _route_of(policy: CompiledPolicy, principal: Principal, body: dict, ex: Exchange) -> Route:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad_request("You must provide a model parameter.", "model", "missing_required_parameter")
+    route = policy.routes.get(model)
+    if route is None:
+        raise model_not_found(model)
+    ex.route, ex.priority = model, route.config.priority
+    if policy.group_priorities:
+        ex.priority = min([ex.priority, *(policy.group_priorities.get(g, ex.priority) for g in principal.groups)])
+    return route
 
 
 async def _estimate_and_settle(policy: CompiledPolicy, admission: Admission, ex: Exchange, model: str, op: str,
@@ -265,17 +271,53 @@ async def _forward(
         if scan is not None and telemetry.TRACING is not None:
             return await telemetry.TRACING.guard("output", ex, relaying)
         return await relaying
+    completion = await _complete_and_check(resilience, door, policy, route, body, ex, native)
+    headers["Content-Type"] = _JSON
+    return web.Response(body=door.whole(completion, state), headers=headers)
+
+
+async def _complete_and_check(resilience: Resilience, door: Door, policy: CompiledPolicy, route: Route, body: dict,
+                              ex: Exchange, native: NativeRequest | None) -> Completion:
+    """A whole answer from the route, through the output guardrails."""
+    op = door.op
     completion = await complete(route, op, body, ex, policy, resilience, native)
     ex.usage = completion.usage
     if completion.usage is None:
         ex.answer_text = governance.answer_text(completion.data, op)
-    if guards.check_output and op != "embeddings":
-        checking = door.check_output(guards, completion, ex)
+    if route.guards.check_output and op != "embeddings":
+        checking = door.check_output(route.guards, completion, ex)
         await (checking if telemetry.TRACING is None else telemetry.TRACING.guard("output", ex, checking))
     if policy.log_payloads:
         ex.response_payload = completion.body or completion.data
-    headers["Content-Type"] = _JSON
-    return web.Response(body=door.whole(completion, state), headers=headers)
+    return completion
+
+
+async def answer_line(gateway: Gateway, policy: CompiledPolicy, principal: Principal, door: Door, body: dict,
+                      ex: Exchange, priority: int) -> bytes:
+    """One batch line through the whole pipeline as its submitter (RBAC, limits, budgets, guardrails, routing,
+    settle), without an HTTP request: never streamed, and at `priority` or lower on embedded engines. The answer's
+    body, or a GatewayError; the caller records the row."""
+    ex.key_id, ex.user, ex.groups = principal.key_id, principal.user, principal.groups
+    body, state = door.prepare(body)
+    route = _route_of(policy, principal, body, ex)
+    ex.priority = max(ex.priority, priority)
+    if _validate(body, door.op):
+        raise bad_request("A batch line cannot be streamed: remove 'stream'.", "stream", "invalid_value")
+    if policy.log_payloads:
+        ex.request_payload = body
+    admission = await governance.admit(policy.governance, principal, route, door.op, body, ex)
+    try:
+        if route.guards.check_input:
+            body, state = await door.check_input(route.guards, body, state, ex)
+            if policy.log_payloads:
+                ex.request_payload = body
+        completion = await _complete_and_check(gateway.resilience, door, policy, route, body, ex, None)
+        return door.whole(completion, state)
+    finally:
+        if ex.usage is None and ex.answer_text is not None:
+            await asyncio.shield(_estimate_and_settle(policy, admission, ex, route.targets[0].model, door.op, body))
+        else:
+            await governance.settle(policy.governance, admission, ex)
 
 
 async def handle(request: web.Request, door: Door, policy: CompiledPolicy) -> web.StreamResponse:

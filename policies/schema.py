@@ -223,6 +223,16 @@ class RouteGuardrails(Strict):
     output: DirectionGuardrails = DirectionGuardrails()
 
 
+class RouteBatchConfig(Strict):
+    """How batch lines (the Batch API, `lockgate batch run`) use a route."""
+
+    concurrency: int = Field(8, ge=1, le=1024, description="batch lines in flight at once on this route, over all "
+                             "batches of one gateway process")
+    priority: int = Field(1000, description="embedded engines serve lower numbers first: batch lines run at this "
+                          "priority or lower (never above the submitter's interactive priority), so an interactive "
+                          "request overtakes queued batch work")
+
+
 class RouteConfig(Strict):
     targets: list[TargetConfig] = Field(min_length=1)
     description: str = ""
@@ -234,6 +244,7 @@ class RouteConfig(Strict):
     shadow: ShadowConfig | None = None
     guardrails: RouteGuardrails = RouteGuardrails()
     priority: int = Field(0, description="embedded engines serve lower numbers first")
+    batch: RouteBatchConfig = RouteBatchConfig()
 
 
 class LimiterConfig(Strict):
@@ -388,6 +399,17 @@ class InferenceTableConfig(Strict):
     spool_dir: PolicyPath = Field("var/spool", validate_default=True)
 
 
+class BatchConfig(Strict):
+    """The Files and Batch APIs: where their files live, and how large a batch may be."""
+
+    data_dir: PolicyPath = Field("var/batches", validate_default=True, description="uploaded files, batch state "
+                                 "and results; every gateway process serving the batch API must see the same folder")
+    max_file_bytes: int = Field(200 * 1024 * 1024, ge=1024, le=2**40)
+    max_lines: int = Field(50_000, ge=1, le=10_000_000)
+    max_line_bytes: int = Field(1024 * 1024, ge=256, le=64 * 1024 * 1024)
+    poll_interval_s: float = Field(0.5, gt=0, le=60)
+
+
 JwtAlgorithm = Literal["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"]
 
 
@@ -446,6 +468,7 @@ class Policy(Strict):
     guardrails: GuardrailsConfig = GuardrailsConfig()
     inference_table: InferenceTableConfig = InferenceTableConfig(enabled=False)
     telemetry: TelemetryConfig = TelemetryConfig()
+    batch: BatchConfig = Field(default_factory=dict, validate_default=True)
     group_priorities: dict[str, int] = Field(
         {}, description="embedded engines serve lower numbers first; a request gets the lowest of its route's "
         "priority and its groups' priorities (reserved traffic, like provisioned throughput)")
