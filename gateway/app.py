@@ -8,13 +8,17 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 from aiohttp import web
 
 from gateway import telemetry
 from gateway.api.cors import install_cors
+from gateway.api.files import BATCH_STORE
 from gateway.api.routes import add_routes
 from gateway.api.signin import SIGN_IN, SignIn
+from gateway.batch.runner import BatchRunner
+from gateway.batch.store import BatchStore
 from gateway.compiled import ProviderPool
 from gateway.context import GATEWAY, Gateway
 from gateway.errors import GatewayError
@@ -55,8 +59,9 @@ def flush_reserve_s(shutdown_timeout_s: float) -> float:
     return min(5.0, shutdown_timeout_s / 3)
 
 
-def create_app(policy_path: str | os.PathLike[str]) -> web.Application:
-    """Builds the gateway for one policy file, read now; its providers and engines start with the app."""
+def create_app(policy_path: str | os.PathLike[str], run_batches: bool = True) -> web.Application:
+    """Builds the gateway for one policy file, read now; its providers and engines start with the app. `run_batches`
+    False: this process runs no Batch API batches (`lockgate batch run` drives its own lines)."""
     stamp = file_stamp(policy_path)
     initial = load_policy(policy_path)
     server = initial.policy.server
@@ -68,6 +73,7 @@ def create_app(policy_path: str | os.PathLike[str]) -> web.Application:
     app[GATEWAY] = Gateway(holder)
     app[SERVER_CONFIG] = server
     app[SIGN_IN] = SignIn()
+    app[BATCH_STORE] = BatchStore(Path(initial.policy.batch.data_dir))
 
     async def policy_and_providers(app: web.Application) -> AsyncIterator[None]:
         await asyncio.to_thread(install_offline_encodings)
@@ -137,11 +143,20 @@ def create_app(policy_path: str | os.PathLike[str]) -> web.Application:
         with contextlib.suppress(asyncio.CancelledError):
             await watch
 
+    async def batch_runner(app: web.Application) -> AsyncIterator[None]:
+        # Started last, stopped first: its lines need the policy, the providers and the inference writer.
+        runner = BatchRunner(app[GATEWAY], app[BATCH_STORE])
+        runner.start()
+        yield
+        await runner.close()
+
     app.cleanup_ctx.append(traces)
     app.cleanup_ctx.append(loop_lag)
     app.cleanup_ctx.append(inference_writer)
     app.cleanup_ctx.append(policy_and_providers)
     app.cleanup_ctx.append(identity_provider_keys)
     app.cleanup_ctx.append(shadow_traffic)
+    if run_batches:
+        app.cleanup_ctx.append(batch_runner)
     add_routes(app)
     return app

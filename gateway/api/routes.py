@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.api import admin, console, health, messages, models, openai
+from gateway.api import admin, batches, console, files, health, messages, models, openai
 
 
 def add_routes(app: web.Application) -> None:
@@ -16,6 +16,15 @@ def add_routes(app: web.Application) -> None:
     for prefix in ("", "/anthropic"):
         app.router.add_post(f"{prefix}/v1/messages", messages.create_message)
         app.router.add_post(f"{prefix}/v1/messages/count_tokens", messages.count_tokens)
+    app.router.add_post("/v1/files", files.create_file)
+    app.router.add_get("/v1/files", files.list_files)
+    app.router.add_get("/v1/files/{file_id}", files.retrieve_file)
+    app.router.add_delete("/v1/files/{file_id}", files.delete_file)
+    app.router.add_get("/v1/files/{file_id}/content", files.file_content)
+    app.router.add_post("/v1/batches", batches.create_batch)
+    app.router.add_get("/v1/batches", batches.list_batches)
+    app.router.add_get("/v1/batches/{batch_id}", batches.retrieve_batch)
+    app.router.add_post("/v1/batches/{batch_id}/cancel", batches.cancel_batch)
     app.router.add_get("/v1/models", models.list_models)
     app.router.add_get("/v1/models/{model:.+}", models.get_model)
     app.router.add_get("/healthz", health.healthz)
