@@ -16,6 +16,7 @@ test: install model
 bench: install
 	$(PY) -m benchmarks.run
 	$(PY) -m benchmarks.governance
+	$(PY) -m benchmarks.batch_bench
 
 bench-features: install
 	$(PY) -m benchmarks.features

@@ -1,4 +1,4 @@
-"""The `lockgate` command: serve, check, keys."""
+"""The `lockgate` command: serve, check, keys, usage, models, batch."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 from policies.keys import hash_key, new_key
 from policies.loader import PolicyError, load_policy
@@ -107,6 +108,19 @@ def _cmd_models_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_batch_run(args: argparse.Namespace) -> int:
+    from gateway.batch.cli_run import RunOptions, run
+
+    return run(RunOptions(Path(args.input), args.route, Path(args.out), Path(args.policy), args.key, args.concurrency))
+
+
+def _concurrency(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 1024:
+        raise argparse.ArgumentTypeError("must be from 1 to 1024")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="lockgate", description="A governed AI gateway.")
     verbs = top.add_subparsers(dest="verb", required=True)
@@ -142,6 +156,21 @@ def parser() -> argparse.ArgumentParser:
     prepare = models.add_parser("prepare", help="convert a packaged model into a folder vLLM loads (once)")
     prepare.add_argument("name")
     prepare.set_defaults(run=_cmd_models_prepare)
+
+    batch = verbs.add_parser("batch", help="batch inference without a client").add_subparsers(
+        dest="batch_verb", required=True)
+    batch_run = batch.add_parser("run", help="run an OpenAI batch file through the gateway's pipeline in this "
+                                 "process; rerun the same command to resume")
+    batch_run.add_argument("input", metavar="IN.jsonl", help="OpenAI batch lines: {custom_id, method, url, body}")
+    batch_run.add_argument("--route", required=True, help="the route every line calls (sets each body's model)")
+    batch_run.add_argument("--out", required=True, metavar="OUT.jsonl",
+                           help="one result line per custom_id, failed ones too; appended to on a rerun")
+    batch_run.add_argument("--policy", default=os.environ.get("LOCKGATE_POLICY", "policies.example.yaml"),
+                           help="the policy file (default: $LOCKGATE_POLICY, else policies.example.yaml)")
+    batch_run.add_argument("--key", help="the API key lines run as (default: $LOCKGATE_API_KEY, which ps does not show)")
+    batch_run.add_argument("--concurrency", type=_concurrency,
+                           help="lines in flight at once (default: the route's batch.concurrency)")
+    batch_run.set_defaults(run=_cmd_batch_run)
     return top
 
 

@@ -109,7 +109,9 @@ class Guardrails:
         """`warm_up` in a thread of its own, so the gateway serves while Presidio loads: a text the prefilter proves
         clean never needs Presidio, and a scan that does waits for the load (the analyzer is built under a lock),
         so nothing passes unscanned meanwhile."""
-        thread = threading.Thread(target=self._warm_up_logged, name="lockgate-guardrails-warm-up", daemon=True)
+        # Not a daemon: a process that ends while Presidio still loads waits for it, since finalizing the
+        # interpreter under a thread inside native code aborts the process ("FATAL: exception not rethrown").
+        thread = threading.Thread(target=self._warm_up_logged, name="lockgate-guardrails-warm-up", daemon=False)
         self._warming = thread
         thread.start()
         return thread
