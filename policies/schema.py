@@ -408,6 +408,9 @@ class BatchConfig(Strict):
     max_lines: int = Field(50_000, ge=1, le=10_000_000)
     max_line_bytes: int = Field(1024 * 1024, ge=256, le=64 * 1024 * 1024)
     poll_interval_s: float = Field(0.5, gt=0, le=60)
+    retention_days: int = Field(30, ge=1, le=36500, description="uploaded files and finished batches (with their "
+                                "result files) older than this are deleted; a batch not yet finished and its input "
+                                "are kept")
 
 
 JwtAlgorithm = Literal["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"]

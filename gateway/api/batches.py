@@ -13,7 +13,8 @@ from aiohttp import web
 from gateway.api.common import json_response
 from gateway.api.files import BATCH_STORE, Caller, caller, list_object, no_such, page_limit
 from gateway.batch.job import DOORS
-from gateway.batch.store import TERMINAL, BatchStore, new_batch_id, owner_of
+from gateway.batch.store import TERMINAL, BatchStore, after_cursor, new_batch_id, owner_of, read_page
+from gateway.batch.usage import UsageSums
 from gateway.errors import GatewayError, bad_request
 from gateway.proxy import read_body
 
@@ -83,7 +84,8 @@ async def create_batch(request: web.Request) -> web.Response:
              "output_file_id": None, "error_file_id": None, "created_at": now, "in_progress_at": None,
              "expires_at": now + COMPLETION_WINDOW_S[window], "finalizing_at": None, "completed_at": None,
              "failed_at": None, "expired_at": None, "cancelling_at": None, "cancelled_at": None,
-             "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": metadata}
+             "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": metadata, "model": None,
+             "usage": UsageSums().to_object()}
     try:
         await asyncio.to_thread(store.create_batch, batch, owner_of(who.principal), input_file_id)
     except FileNotFoundError:
@@ -105,17 +107,9 @@ async def retrieve_batch(request: web.Request) -> web.Response:
 
 
 def _page(store: BatchStore, who: Caller, after: str | None, limit: int) -> tuple[list[dict], bool]:
-    ids = store.batch_ids()
-    if after is not None:
-        ids = [batch_id for batch_id in ids if batch_id < after]
-    found: list[dict] = []
-    for batch_id in ids:
-        view = _visible_view(store, batch_id, who)
-        if view is not None:
-            if len(found) == limit:
-                return found, True
-            found.append(view)
-    return found, False
+    records, more = read_page(after_cursor(store.batch_ids(), after, newest_first=True), store.read_batch,
+                              who.may_see, limit)
+    return [batch_view(record, store.cancel_requested_at(record["batch"]["id"])) for record in records], more
 
 
 async def list_batches(request: web.Request) -> web.Response:

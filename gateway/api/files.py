@@ -15,7 +15,8 @@ from pathlib import Path
 from aiohttp import BodyPartReader, web
 
 from gateway.api.common import current_policy, json_response
-from gateway.batch.store import BatchStore, new_file_id, owner_of
+from gateway.batch.retention import expires_at
+from gateway.batch.store import BatchStore, after_cursor, new_file_id, owner_of, read_page
 from gateway.compiled import CompiledPolicy
 from gateway.errors import GatewayError, bad_request
 from gateway.proxy import authenticate
@@ -52,6 +53,11 @@ def no_such(kind: str, object_id: str, param: str = "id") -> GatewayError:
     return GatewayError(404, f"No such {kind} object: {object_id[:80]}", "invalid_request_error", "not_found", param)
 
 
+def file_view(file: dict, who: Caller) -> dict:
+    """The File object clients see: it expires when retention deletes it, by the policy as it is now."""
+    return {**file, "expires_at": expires_at(file, who.policy.loaded.policy.batch.retention_days)}
+
+
 def list_object(items: list[dict], has_more: bool) -> dict:
     return {"object": "list", "data": items, "first_id": items[0]["id"] if items else None,
             "last_id": items[-1]["id"] if items else None, "has_more": has_more}
@@ -85,15 +91,15 @@ async def create_file(request: web.Request) -> web.Response:
         file = await _receive(request, request.app[BATCH_STORE], who)
     except GatewayError as err:
         return err.response()
-    return json_response(file)
+    return json_response(file_view(file, who))
 
 
 async def retrieve_file(request: web.Request) -> web.Response:
     try:
-        _, record = await _owned_file(request)
+        who, record = await _owned_file(request)
     except GatewayError as err:
         return err.response()
-    return json_response(record["file"])
+    return json_response(file_view(record["file"], who))
 
 
 async def file_content(request: web.Request) -> web.StreamResponse:
@@ -126,14 +132,21 @@ async def list_files(request: web.Request) -> web.Response:
     except GatewayError as err:
         return err.response()
     purpose, after = request.query.get("purpose"), request.query.get("after")
-    records = await asyncio.to_thread(request.app[BATCH_STORE].all_files)
-    files = [r["file"] for r in records if who.may_see(r) and (purpose is None or r["file"]["purpose"] == purpose)]
-    if order == "asc":
-        files.reverse()
-    if after is not None:
-        position = next((i for i, f in enumerate(files) if f["id"] == after), None)
-        files = files[position + 1:] if position is not None else []
-    return json_response(list_object(files[:limit], len(files) > limit))
+    found, more = await asyncio.to_thread(_page, request.app[BATCH_STORE], who, purpose, after, order == "desc", limit)
+    return json_response(list_object(found, more))
+
+
+def _page(store: BatchStore, who: Caller, purpose: str | None, after: str | None, newest_first: bool,
+          limit: int) -> tuple[list[dict], bool]:
+    ids = store.file_ids()
+    if newest_first:
+        ids.reverse()
+
+    def keep(record: dict) -> bool:
+        return who.may_see(record) and (purpose is None or record["file"]["purpose"] == purpose)
+
+    records, more = read_page(after_cursor(ids, after, newest_first), store.read_file, keep, limit)
+    return [file_view(record["file"], who) for record in records], more
 
 
 class _Upload:

@@ -2,7 +2,9 @@
 
 Everything the command is given is checked before anything runs or OUT is touched: the key, the route, every input
 line. Results are appended to OUT as they finish, flushed at once (a killed process loses none of them) and synced to
-disk every second; rerunning the same command skips the custom_ids OUT already holds.
+disk every second; rerunning the same command skips the custom_ids OUT already holds. The run's batch id (the
+`batch_id` of its inference rows) is kept next to OUT (results.jsonl: results.jsonl.lockgate), written before the
+first line runs, so a resumed run's rows carry the first run's id.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import uvloop
 from aiohttp import web
 
 from gateway.batch.job import CANCEL_GRACE_S, Line, LineError, LineResult, Slots, parse_line, run_job
-from gateway.inference.ids import uuid7
+from gateway.batch.store import BATCH_ID, new_batch_id, write_atomically
 from policies.keys import KeyRing, Principal
 from policies.loader import PolicyError, load_policy
 from policies.schema import BatchConfig, Policy
@@ -64,6 +66,9 @@ class Plan:
     total: int
     done: set[str]
     principal: Principal | None  # None: a JWT, verified once the app has fetched the provider's keys
+    batch_id: str
+    # False: the id is new, and the sidecar is written before the first line runs.
+    batch_id_kept: bool
 
 
 def run(options: RunOptions) -> int:
@@ -76,10 +81,18 @@ def run(options: RunOptions) -> int:
     except BatchRunError as exc:
         print(f"lockgate batch run: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("lockgate batch run: interrupted before any line ran", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if len(plan.done) == plan.total:
         print(f"all {plan.total} lines already have a result in {options.out}", file=sys.stderr)
         return 0
-    return uvloop.run(_run(options, key, plan))
+    try:
+        return uvloop.run(_run(options, key, plan))
+    except KeyboardInterrupt:
+        # While the app starts or stops: the lines have their own Ctrl-C handler while they run.
+        print(f"lockgate batch run: interrupted; run the same command again to finish {options.out}", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def _policy_and_key(options: RunOptions) -> tuple[Policy, str]:
@@ -112,7 +125,26 @@ def _plan(options: RunOptions, policy: Policy, key: str) -> Plan:
     if not options.out.parent.is_dir():
         raise BatchRunError(f"{options.out}: the folder {options.out.parent} does not exist")
     done = _read_done(options.out) & ids
-    return Plan(len(ids), done, principal)
+    kept = _kept_batch_id(options.out)
+    return Plan(len(ids), done, principal, kept or new_batch_id(), kept is not None)
+
+
+def sidecar(out: Path) -> Path:
+    """Where the run's batch id is kept: next to OUT, named after it."""
+    return out.with_name(f"{out.name}.lockgate")
+
+
+def _kept_batch_id(out: Path) -> str | None:
+    """The batch id of the run that began OUT; None for a new OUT (an id left by a deleted OUT is not reused) or
+    a sidecar that is missing or not one this command wrote."""
+    if not out.exists():
+        return None
+    try:
+        kept = orjson.loads(sidecar(out).read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    batch_id = kept.get("batch_id") if isinstance(kept, dict) else None
+    return batch_id if isinstance(batch_id, str) and BATCH_ID.fullmatch(batch_id) else None
 
 
 def _raw_lines(path: Path, limits: BatchConfig) -> Iterator[tuple[int, bytes]]:
@@ -326,8 +358,14 @@ async def _run_lines(options: RunOptions, plan: Plan, principal: Principal, gate
 
     shown = loop.create_task(progress.show())
     try:
+        if not plan.batch_id_kept:
+            try:
+                write_atomically(sidecar(options.out), orjson.dumps({"batch_id": plan.batch_id}))
+            except OSError as exc:
+                write_failures.append(exc)
+                stop.set()
         await run_job(gateway, principal, _lines(options, gateway.policy.loaded.policy.batch), plan.done,
-                      slots=Slots(override=options.concurrency), batch_id=f"batch_{uuid7()}",
+                      slots=Slots(override=options.concurrency), batch_id=plan.batch_id,
                       expires_at=time.time() + COMPLETION_WINDOW_S, cancelled=stop.is_set, emit=emit)
     finally:
         shown.cancel()

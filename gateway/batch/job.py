@@ -19,6 +19,7 @@ from gateway.compiled import CompiledPolicy
 from gateway.context import Gateway
 from gateway.errors import GatewayError
 from gateway.exchange import Exchange
+from gateway.providers.base import Usage
 from gateway.proxy import answer_line
 from policies.keys import Principal
 
@@ -65,6 +66,8 @@ class LineResult:
     body: dict | None
     error: dict | None
     cost_micro_usd: int = 0
+    # The tokens the gateway counted for the line (the upstream's usage, or its estimate); not part of the file line.
+    usage: Usage | None = None
 
     @property
     def failed(self) -> bool:
@@ -219,6 +222,7 @@ async def _run_line(run: _Run, line: Line, cancelled: Callable[[], bool], emit: 
                 err = GatewayError(500, "The gateway failed to handle the request.", "api_error", "internal_error")
                 result = _refused(ex, err)
         result.cost_micro_usd = ex.cost_micro_usd
+        result.usage = ex.usage
         finished = time.perf_counter()
         metrics.observe_request(ex.route or "-", door.endpoint, ex.status, finished - ex.started)
         gateway.record(ex, finished, policy)

@@ -17,7 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from gateway.batch.job import Line, LineError, LineResult, Slots, parse_line, run_job
-from gateway.batch.store import TERMINAL, BatchStore, Claim, new_file_id, principal_now, recorded_ids
+from gateway.batch.retention import sweep
+from gateway.batch.store import TERMINAL, BatchStore, Claim, new_file_id, principal_now, read_results
+from gateway.batch.usage import UsageSums
 from gateway.context import Gateway
 from gateway.errors import unauthorized
 from gateway.inference.ids import uuid7
@@ -32,6 +34,7 @@ _SYNC_INTERVAL_S = 0.25
 # A batch whose run failed inside the gateway (a full disk, say) is tried again after this long.
 _RETRY_AFTER_S = 30.0
 _STALE_UPLOAD_S = 3600.0
+_SWEEP_EVERY_S = 60.0
 _READ_BUFFER = 1024 * 1024
 
 
@@ -79,6 +82,14 @@ def validate_input(path: Path, endpoint: str, config: BatchConfig) -> tuple[int,
     return len(seen), errors
 
 
+def first_model(path: Path, endpoint: str, max_line_bytes: int) -> str | None:
+    """The Batch object's `model`: the route its first line asks for."""
+    for line in _parsed_lines(path, endpoint, max_line_bytes):
+        model = line.body.get("model")
+        return model if isinstance(model, str) else None
+    return None
+
+
 def _parsed_lines(path: Path, endpoint: str, max_line_bytes: int) -> Iterator[Line]:
     """The validated input again, one line at a time: run_job pulls only as many as it has in flight."""
     for number, raw in _input_lines(path, max_line_bytes):
@@ -90,13 +101,15 @@ class _Results:
     """The output and error files of one running batch. A line is written as it finishes (a write survives the
     process being killed, so it is not run again), fsynced with the others of its quarter second."""
 
-    def __init__(self, folder: Path, output: list[str], errors: list[str]) -> None:
+    def __init__(self, folder: Path, output: list[str], errors: list[str], usage: UsageSums) -> None:
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
         self._output = os.open(folder / "output.jsonl", flags, 0o600)
         self._errors = os.open(folder / "errors.jsonl", flags, 0o600)
         self.completed, self.failed = len(output), len(errors)
         # The custom_ids with a result, these files' and the lines emitted since.
         self.recorded = {*output, *errors}
+        # Summed as lines finish; a resume starts from what the result files' answers carry, so none counts twice.
+        self.usage = usage
         self.changed = False
         self.broken: OSError | None = None
 
@@ -117,6 +130,7 @@ class _Results:
         else:
             self.completed += 1
         self.recorded.add(result.custom_id)
+        self.usage.add(result.usage)
         self.changed = True
 
     def sync(self) -> None:
@@ -174,16 +188,21 @@ class _BatchRun:
             if errors:
                 await self.save(status="failed", failed_at=int(time.time()), errors={"object": "list", "data": errors})
                 return
-            await self.save(status="in_progress", in_progress_at=int(time.time()),
-                            request_counts={"total": total, "completed": 0, "failed": 0})
+            model = await asyncio.to_thread(first_model, self.folder / "input.jsonl", self.batch["endpoint"],
+                                            config.max_line_bytes)
+            await self.save(status="in_progress", in_progress_at=int(time.time()), model=model,
+                            request_counts={"total": total, "completed": 0, "failed": 0},
+                            usage=UsageSums().to_object())
         if self.batch["status"] != "finalizing":
             await self.run_lines(config)
         await self.finish()
 
     async def run_lines(self, config: BatchConfig) -> None:
-        output, errors = await asyncio.gather(asyncio.to_thread(recorded_ids, self.folder / "output.jsonl"),
-                                              asyncio.to_thread(recorded_ids, self.folder / "errors.jsonl"))
-        results = await asyncio.to_thread(_Results, self.folder, output, errors)
+        (output, usage), (errors, error_usage) = await asyncio.gather(
+            asyncio.to_thread(read_results, self.folder / "output.jsonl"),
+            asyncio.to_thread(read_results, self.folder / "errors.jsonl"))
+        usage.merge(error_usage)
+        results = await asyncio.to_thread(_Results, self.folder, output, errors, usage)
         syncing = asyncio.get_running_loop().create_task(self.keep_synced(results))
         try:
             if not self.cancel_seen:
@@ -220,6 +239,7 @@ class _BatchRun:
         results.changed = False
         total = self.batch["request_counts"]["total"]
         await self.save(request_counts={"total": total, "completed": results.completed, "failed": results.failed},
+                        usage=results.usage.to_object(),
                         **({"status": "cancelling", "cancelling_at": self.cancelling_at()}
                            if self.cancel_seen and self.batch["status"] == "in_progress" else {}))
 
@@ -289,6 +309,9 @@ class BatchRunner:
         self.slots = Slots()
         self._running: dict[str, asyncio.Task[None]] = {}
         self._finished: set[str] = set()
+        # The input file of every batch seen not yet finished (by whichever process runs it): retention keeps them.
+        self._inputs: dict[str, str] = {}
+        self._swept_at = float("-inf")
         self._retry_at: dict[str, float] = {}
         self._poller: asyncio.Task[None] | None = None
 
@@ -314,7 +337,21 @@ class BatchRunner:
                 task = asyncio.get_running_loop().create_task(self._run(batch_id, claim))
                 self._running[batch_id] = task
                 task.add_done_callback(lambda _, done=batch_id: self._running.pop(done, None))
+            if time.monotonic() - self._swept_at >= _SWEEP_EVERY_S:
+                self._swept_at = time.monotonic()
+                await self._sweep()
             await asyncio.sleep(self.gateway.policy.loaded.policy.batch.poll_interval_s)
+
+    async def _sweep(self) -> None:
+        days = self.gateway.policy.loaded.policy.batch.retention_days
+        try:
+            swept = await asyncio.to_thread(sweep, self.store, days, time.time(), frozenset(self._finished),
+                                            dict(self._inputs))
+        except Exception:
+            log.exception("the retention sweep of %s failed; it is tried again in %.0f s", self.store.root,
+                          _SWEEP_EVERY_S)
+            return
+        self._finished.difference_update(swept.batches)
 
     def _claim_runnable(self, running: frozenset[str]) -> list[tuple[str, Claim]]:
         claimed: list[tuple[str, Claim]] = []
@@ -326,17 +363,24 @@ class BatchRunner:
             if record is None:
                 continue
             if record["batch"].get("status") in TERMINAL:
-                self._finished.add(batch_id)
+                self._finish(batch_id)
                 continue
+            input_file_id = record["batch"].get("input_file_id")
+            if isinstance(input_file_id, str):
+                self._inputs[batch_id] = input_file_id
             claim = self.store.claim(batch_id)
             if claim is not None:
                 claimed.append((batch_id, claim))
         return claimed
 
+    def _finish(self, batch_id: str) -> None:
+        self._finished.add(batch_id)
+        self._inputs.pop(batch_id, None)
+
     async def _run(self, batch_id: str, claim: Claim) -> None:
         try:
             await _BatchRun(self, batch_id).run()
-            self._finished.add(batch_id)
+            self._finish(batch_id)
         except asyncio.CancelledError:
             raise
         except Exception:

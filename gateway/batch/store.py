@@ -15,17 +15,21 @@ thread.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import fcntl
 import os
 import re
+import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
 import orjson
 
+from gateway.batch.usage import UsageSums
 from gateway.inference.ids import uuid7
 from policies.jwt_auth import JWT_KEY_PREFIX
 from policies.keys import Principal
@@ -34,6 +38,9 @@ from policies.schema import Policy
 FILE_ID = re.compile(r"file-[0-9a-f]{32}")
 BATCH_ID = re.compile(r"batch_[0-9a-f]{32}")
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
+# The most records one list call reads, whatever the folder holds: a page of records hidden by ownership or purpose
+# ends early (has_more set) rather than read on.
+MAX_RECORDS_READ = 1000
 _TMP = ".tmp"
 _BLOCK = 64 * 1024
 
@@ -162,14 +169,13 @@ class BatchStore:
             self.data_path(file_id).unlink()
         return True
 
-    def all_files(self) -> list[dict]:
-        """Every file's record, newest first (ids are time-ordered)."""
+    def file_ids(self) -> list[str]:
+        """Every file's id, oldest first (ids are UUIDv7, time-ordered by name); no record is read."""
         try:
-            names = sorted((n for n in os.listdir(self.files) if n.endswith(".json")), reverse=True)
+            names = os.listdir(self.files)
         except FileNotFoundError:
             return []
-        records = (_read_record(self.files / name, "file") for name in names if FILE_ID.fullmatch(name[:-5]))
-        return [record for record in records if record is not None]
+        return sorted(name[:-5] for name in names if name.endswith(".json") and FILE_ID.fullmatch(name[:-5]))
 
     def drop_stale_uploads(self, older_than_s: float) -> None:
         """Uploads a dead process left half-written."""
@@ -202,12 +208,19 @@ class BatchStore:
         write_atomically(self.folder(batch_id) / "batch.json", orjson.dumps(record))
 
     def batch_ids(self) -> list[str]:
-        """Every batch's id, newest first."""
+        """Every batch's id, newest first; no record is read."""
         try:
             names = os.listdir(self.batches)
         except FileNotFoundError:
             return []
         return sorted((name for name in names if BATCH_ID.fullmatch(name)), reverse=True)
+
+    def delete_batch(self, batch_id: str) -> None:
+        """A finished batch's folder: its record first, so from then on it reads as missing."""
+        folder = self.folder(batch_id)
+        with contextlib.suppress(FileNotFoundError):
+            (folder / "batch.json").unlink()
+        shutil.rmtree(folder, ignore_errors=True)
 
     def request_cancel(self, batch_id: str) -> float:
         """Leaves the cancel marker (once) and returns when the cancel was first asked."""
@@ -235,13 +248,45 @@ class BatchStore:
         return Claim(handle)
 
 
+def after_cursor(ids: list[str], after: str | None, newest_first: bool) -> list[str]:
+    """The ids past `after` in a time-ordered list (an id need not exist to be a cursor: the order is the names')."""
+    if after is None:
+        return ids
+    if newest_first:
+        return ids[len(ids) - bisect.bisect_left(ids[::-1], after):]
+    return ids[bisect.bisect_right(ids, after):]
+
+
+def read_page(ids: list[str], read: Callable[[str], dict | None], keep: Callable[[dict], bool],
+              limit: int) -> tuple[list[dict], bool]:
+    """The first `limit` records of `ids` that `keep` accepts and whether more follow, reading at most
+    MAX_RECORDS_READ records."""
+    found: list[dict] = []
+    for reads, record_id in enumerate(ids):
+        if reads == MAX_RECORDS_READ:
+            return found, True
+        record = read(record_id)
+        if record is None or not keep(record):
+            continue
+        if len(found) == limit:
+            return found, True
+        found.append(record)
+    return found, False
+
+
 def recorded_ids(path: Path) -> list[str]:
     """The custom_ids of a result file, after cutting a torn last line (a write a crash interrupted) away."""
+    return read_results(path)[0]
+
+
+def read_results(path: Path) -> tuple[list[str], UsageSums]:
+    """The custom_ids of a result file and the usage its answers carry, after cutting a torn last line away."""
     ids: list[str] = []
+    usage = UsageSums()
     try:
         handle = open(path, "r+b")  # noqa: SIM115 - a missing file is no results, told apart from the work below
     except FileNotFoundError:
-        return ids
+        return ids, usage
     with handle:
         size = handle.seek(0, os.SEEK_END)
         if size:
@@ -256,7 +301,10 @@ def recorded_ids(path: Path) -> list[str]:
                 continue
             if isinstance(item, dict) and isinstance(item.get("custom_id"), str):
                 ids.append(item["custom_id"])
-    return ids
+                response = item.get("response")
+                if isinstance(response, dict):
+                    usage.add_answer(response.get("body"))
+    return ids, usage
 
 
 def _truncate_torn_line(handle: BinaryIO, size: int) -> None:

@@ -77,6 +77,12 @@ async def test_a_gateway_killed_mid_batch_and_restarted_runs_each_line_exactly_o
     assert batch.request_counts is not None and batch.request_counts.completed == LINES
     output = await result_lines(client, batch.output_file_id)
     assert sorted(output) == [f"line-{i:02}" for i in range(LINES)]
+    # The usage is what the kept answers carry: the lines answered before the kill count once, the lost answers of
+    # those in flight not at all.
+    usage = [line["response"]["body"]["usage"] for line in output.values()]
+    assert batch.usage is not None and batch.model == "chat-slow"
+    assert batch.usage.input_tokens == sum(u["prompt_tokens"] for u in usage) > 0
+    assert batch.usage.output_tokens == sum(u["completion_tokens"] for u in usage) > 0
     # Only the lines in flight at the kill (at most the route's concurrency) were sent twice: their first answers
     # reached nobody.
     assert LINES <= len(fake.requests) <= LINES + 2

@@ -99,6 +99,17 @@ async def test_a_chat_batch_completes_with_refused_lines_in_the_error_file(start
         assert file_id is not None
         file = await alice.files.retrieve(file_id)
         assert file.purpose == "batch_output" and file.bytes > 0
+    # The batch's model is its first line's route; its usage the tokens of the answered lines (refused ones have none).
+    assert batch.model == "chat-default" and batch.usage is not None
+    prompt = sum(line["response"]["body"]["usage"]["prompt_tokens"] for line in output.values())
+    completion = sum(line["response"]["body"]["usage"]["completion_tokens"] for line in output.values())
+    assert prompt > 0 and completion > 0
+    assert (batch.usage.input_tokens, batch.usage.output_tokens) == (prompt, completion)
+    assert batch.usage.total_tokens == prompt + completion
+    assert batch.usage.input_tokens_details.cached_tokens == 0 and batch.usage.output_tokens_details.reasoning_tokens == 0
+    on_disk = orjson.loads((Path(server.app[GATEWAY].policy.loaded.policy.batch.data_dir) / "batches" / batch.id
+                            / "batch.json").read_bytes())["batch"]
+    assert on_disk["usage"] == batch.usage.model_dump() and on_disk["model"] == "chat-default"
     rows = await _rows_of(server, batch.id)
     assert sorted(row[0] for row in rows) == sorted(line["custom_id"] for line in lines)
     assert {row[0]: row[1] for row in rows}["pii"] == 400 and {row[2] for row in rows} == {"alice"}
@@ -119,6 +130,10 @@ async def test_completion_embedding_and_responses_batches_complete(start, endpoi
     output = await result_lines(alice, batch.output_file_id)
     assert sorted(output) == ["c0", "c1", "c2", "c3"]
     answers = [line["response"]["body"] for line in output.values()]
+    assert batch.model == model and batch.usage is not None and batch.usage.input_tokens > 0
+    if endpoint == "/v1/embeddings":
+        assert batch.usage.output_tokens == 0
+    assert batch.usage.total_tokens == batch.usage.input_tokens + batch.usage.output_tokens
     if endpoint == "/v1/embeddings":
         assert all(len(answer["data"]) == 2 and answer["object"] == "list" for answer in answers)
     elif endpoint == "/v1/responses":

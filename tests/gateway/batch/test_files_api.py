@@ -34,6 +34,8 @@ async def test_an_uploaded_file_reads_back_whole_and_only_its_owner_and_admins_s
     assert uploaded.id.startswith("file-") and uploaded.object == "file"
     assert (uploaded.bytes, uploaded.filename, uploaded.purpose, uploaded.status) == (
         len(data), "prompts.jsonl", "batch", "processed")
+    # Kept for the default retention of 30 days.
+    assert uploaded.expires_at == uploaded.created_at + 30 * 86400
     assert (await alice.files.retrieve(uploaded.id)).model_dump() == uploaded.model_dump()
     assert (await alice.files.content(uploaded.id)).content == data
     assert [f.id for f in (await alice.files.list()).data] == [uploaded.id]

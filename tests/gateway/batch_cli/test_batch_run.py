@@ -16,6 +16,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import ALICE_KEY, BOB_KEY, policy_text
+from tests.fakes.identity_provider import AUDIENCE, ISSUER, IdentityProvider
 from tests.fakes.openai_upstream import FakeOpenAI
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -304,3 +305,91 @@ async def test_a_missing_input_file_is_refused(policy: Path, tmp_path: Path) -> 
     assert code == 2
     assert f"cannot read {tmp_path / 'absent.jsonl'}: No such file or directory" in stderr
     assert not (tmp_path / "out.jsonl").exists()
+
+
+async def test_a_resumed_run_keeps_the_batch_id_of_the_first(upstream, tmp_path: Path) -> None:
+    fake, url = upstream
+    fake.delay_s = 0.1
+    policy = tmp_path / "policy.yaml"
+    table = f'inference_table: {{enabled: true, clickhouse: "chdb://{tmp_path / "chdb"}", flush_interval_ms: 50}}\n'
+    policy.write_text(policy_text(POLICY, url=url) + table)
+    input_path, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    input_path.write_bytes(b"".join(batch_line(f"l{i}") for i in range(40)))
+    kept = tmp_path / "out.jsonl.lockgate"
+
+    process = await start(policy, input_path, out, "--concurrency", "2")
+    await _wait_for_results(out, 6, process)
+    process.send_signal(signal.SIGINT)
+    assert await asyncio.wait_for(process.wait(), 60) == 130
+    batch_id = orjson.loads(kept.read_bytes())["batch_id"]
+    assert re.fullmatch(r"batch_[0-9a-f]{32}", batch_id)
+
+    code, stderr = await batch_run(policy, input_path, out, "--concurrency", "2")
+
+    assert code == 0, stderr
+    assert orjson.loads(kept.read_bytes())["batch_id"] == batch_id
+    read = await asyncio.create_subprocess_exec(sys.executable, "-c", "import orjson\n" + _ROWS, str(tmp_path / "chdb"),
+                                                cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    stdout, read_err = await asyncio.wait_for(read.communicate(), 120)
+    assert read.returncode == 0, read_err.decode()[-4000:]
+    rows = orjson.loads(stdout)
+    # The interrupted run's rows and the resumed run's: one id.
+    assert {row[1] for row in rows} == {batch_id}
+    assert {row[0] for row in rows} == {f"l{i}" for i in range(40)}
+
+    # A new OUT is a new run: the id left next to a deleted OUT is not reused.
+    out.unlink()
+    code, stderr = await batch_run(policy, input_path, out)
+    assert code == 0, stderr
+    assert orjson.loads(kept.read_bytes())["batch_id"] != batch_id
+
+
+class StalledIdentityProvider(IdentityProvider):
+    """Its keys never come: the command is still starting (it cannot check the token) when it is interrupted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked = asyncio.Event()
+
+    async def _jwks(self, request: web.Request) -> web.Response:
+        self.asked.set()
+        await asyncio.sleep(3600)
+        return await super()._jwks(request)
+
+
+JWT_POLICY = """
+auth:
+  jwt: {{jwks_url: "{jwks}", issuer: "{issuer}", audience: "{audience}"}}
+roles:
+  chatter: {{models: ["chat-*"]}}
+bindings:
+  - {{group: ml-team, role: chatter}}
+providers:
+  up: {{type: openai, base_url: "{url}"}}
+routes:
+  chat-default: {{targets: [{{provider: up, model: gpt-4o-mini}}]}}
+"""
+
+
+async def test_a_ctrl_c_while_the_command_starts_exits_130_with_one_line(aiohttp_server, upstream,
+                                                                         tmp_path: Path) -> None:
+    fake, url = upstream
+    provider = StalledIdentityProvider()
+    idp = await aiohttp_server(provider.app())
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(policy_text(JWT_POLICY, url=url, jwks=str(idp.make_url("/jwks.json")), issuer=ISSUER,
+                                  audience=AUDIENCE))
+    input_path, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    input_path.write_bytes(batch_line("l0"))
+
+    process = await start(policy, input_path, out, key=provider.token("carol", ["ml-team"]))
+    await asyncio.wait_for(provider.asked.wait(), 120)
+    process.send_signal(signal.SIGINT)
+    _, stderr = await asyncio.wait_for(process.communicate(), 60)
+
+    text = stderr.decode(errors="replace")
+    assert process.returncode == 130, text
+    assert "Traceback" not in text
+    assert [line for line in text.splitlines() if line.startswith("lockgate batch run:")] == [
+        f"lockgate batch run: interrupted; run the same command again to finish {out}"]
+    assert fake.requests == [] and not out.exists()
