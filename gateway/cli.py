@@ -109,8 +109,12 @@ def _cmd_models_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_batch_run(args: argparse.Namespace) -> int:
-    from gateway.batch.cli_run import RunOptions, run
-
+    try:
+        from gateway.batch.cli_run import RunOptions, run
+    except KeyboardInterrupt:
+        # Ctrl-C before the command began (importing the gateway takes a second): nothing ran, nothing to resume.
+        print("lockgate batch run: interrupted before any line ran", file=sys.stderr)
+        return 130
     return run(RunOptions(Path(args.input), args.route, Path(args.out), Path(args.policy), args.key, args.concurrency))
 
 
