@@ -227,7 +227,8 @@ class RouteBatchConfig(Strict):
     """How batch lines (the Batch API, `lockgate batch run`) use a route."""
 
     concurrency: int = Field(8, ge=1, le=1024, description="batch lines in flight at once on this route, over all "
-                             "batches of one gateway process")
+                             "batches of one gateway process; on an embedded engine keep it below max_num_seqs, so "
+                             "an interactive request always finds a seat (vLLM does not preempt a running sequence)")
     priority: int = Field(1000, description="embedded engines serve lower numbers first: batch lines run at this "
                           "priority or lower (never above the submitter's interactive priority), so an interactive "
                           "request overtakes queued batch work")
