@@ -24,7 +24,7 @@ from policies import Admission, Authorizer, CounterStore, Governor, cost_micro_u
 from policies.keys import Principal
 from policies.prices import cache_savings_micro_usd, dearest_price, estimated_cost_micro_usd
 from policies.schema import LimiterConfig, Policy, PriceConfig
-from policies.tokens import count_prompt_tokens, count_text_tokens, encoding_for
+from policies.tokens import count_prompt_tokens, count_text_tokens, encoding_ready, load_encoding, prepare_encodings
 
 if TYPE_CHECKING:
     from gateway.compiled import Route
@@ -61,9 +61,8 @@ def build_governance(policy: Policy, store: CounterStore) -> Governance:
             if price is not None:
                 reserve_prices[name] = price
     if reserve_prices or any(limit.tokens for limit in policy.limits):
-        for route in policy.routes.values():
-            for target in route.targets:
-                encoding_for(target.model or "")
+        # The models requests are counted with: a target without one serves the route's name (gateway.compiled).
+        prepare_encodings(target.model or name for name, route in policy.routes.items() for target in route.targets)
     anthropic = frozenset(name for name, provider in policy.providers.items() if provider.type == "anthropic")
     return Governance(authorizer, Governor(policy, store), dict(policy.prices), reserve_prices,
                       policy.limiter.reserve_completion_tokens, anthropic)
@@ -116,6 +115,10 @@ async def admit(gov: Governance, principal: Principal, route: Route, op: str, bo
     # Counting costs ~0.1 ms a message: only when a token limit or a reservation needs it. The first
     # target's tokenizer stands for the route's; the real completion is charged in settle().
     counted = plan.token_windows or price is not None
+    if counted and not encoding_ready(route.targets[0].model):
+        # Its encoding is still being built (prepare_encodings): the request waits for it, it is never let through
+        # uncounted.
+        await load_encoding(route.targets[0].model)
     prompt_tokens = count_prompt_tokens(route.targets[0].model, op, body) if counted else 0
     estimate = 0
     if price is not None:

