@@ -8,6 +8,7 @@ gauge read from a function is written to its file every SAMPLE_S by its process,
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import time
 import weakref
@@ -111,6 +112,15 @@ def _in_flight() -> Gauge | InFlightCount:
 
 
 IN_FLIGHT = _in_flight()
+
+
+def watch_frozen_objects() -> None:
+    """For a worker's start only: a gauge made by every process that imports this module would hold the supervisor's
+    and the writer's 0 (they freeze nothing), and the workers' minimum would always read 0."""
+    gauge = SampledGauge("lockgate_gc_frozen_objects", "Objects of the start-up heap (modules, policy, Presidio) "
+                         "frozen out of the cyclic collector's walks (workers: the smallest worker's)",
+                         multiprocess_mode="livemin")
+    gauge.set_function(gc.get_freeze_count)
 
 
 class LoopLagWatch:
