@@ -50,10 +50,13 @@ class Governance:
     anthropic_providers: frozenset[str] = frozenset()
 
 
-def build_governance(policy: Policy, store: CounterStore) -> Governance:
-    """Runs in a thread: Casbin evaluation and vocabulary loading must not stall the event loop."""
+def build_governance(policy: Policy, store: CounterStore, warm_decisions: bool = True) -> Governance:
+    """Runs in a thread: Casbin evaluation and vocabulary loading must not stall the event loop. `warm_decisions`:
+    decide every user on every route now (a reload, so no request waits for Casbin); the first version decides each
+    pair when first asked instead (about a millisecond each), which keeps the warm-up off the start."""
     authorizer = Authorizer(policy)
-    authorizer.warm()
+    if warm_decisions:
+        authorizer.warm()
     reserve_prices: dict[str, PriceConfig] = {}
     if policy.budgets:
         for name, route in policy.routes.items():

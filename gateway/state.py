@@ -67,7 +67,7 @@ class PolicyHolder:
 
     async def _compile(self, loaded: LoadedPolicy) -> CompiledPolicy:
         store = self.stores.store_for(loaded.policy.limiter)
-        governance = await asyncio.to_thread(build_governance, loaded.policy, store)
+        governance = await asyncio.to_thread(build_governance, loaded.policy, store, self.current is not None)
         guard = await asyncio.to_thread(build_guardrails, loaded.policy)
         return compile_policy(loaded, await self.pool.sync(loaded), governance, guard)
 
