@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+import operator
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -55,6 +56,8 @@ def _timestamp(value: Any) -> datetime:
 
 
 def _texts(value: Any) -> list[str]:
+    if type(value) is list:
+        return [item if type(item) is str else str(item) for item in value]
     if isinstance(value, str):
         return [value]
     if not isinstance(value, Iterable) or isinstance(value, Mapping):
@@ -91,7 +94,7 @@ def _findings(raw: Any) -> list[tuple[str, str, str, int]]:
         return []
     out = []
     for finding in raw:
-        if isinstance(finding, Mapping):
+        if type(finding) is dict or isinstance(finding, Mapping):
             out.append((
                 str(finding.get("direction", "")), str(finding.get("entity", "")),
                 str(finding.get("action", "")), _uint(finding.get("count", 1), 2**32 - 1),
@@ -102,6 +105,14 @@ def _findings(raw: Any) -> list[tuple[str, str, str, int]]:
 def _stored_payload(payload: Any, log_payloads: bool, max_bytes: int) -> tuple[str, bool]:
     if not log_payloads:
         return truncate_payload("", max_bytes)
+    if type(payload) is bytes:
+        # Text that travelled apart from its record: valid UTF-8 that fits is stored as it came.
+        if len(payload) <= max_bytes:
+            try:
+                return payload.decode(), False
+            except UnicodeDecodeError:
+                pass
+        return truncate_payload(payload.decode("utf-8", "replace"), max_bytes)
     if type(payload) is dict:
         # A payload as JSON that fits is decoded once, instead of decoded to be measured by encoding it again.
         try:
@@ -115,6 +126,10 @@ def _stored_payload(payload: Any, log_payloads: bool, max_bytes: int) -> tuple[s
 
 def _text(value: Any) -> str:
     return value if type(value) is str else str(value or "")
+
+
+def _metadata(metadata: Any) -> dict[str, str]:
+    return {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, Mapping) else {}
 
 
 def to_row(record: Mapping[str, Any], *, log_payloads: bool, max_payload_bytes: int) -> list[Any]:
@@ -136,7 +151,7 @@ def to_row(record: Mapping[str, Any], *, log_payloads: bool, max_payload_bytes: 
         _float(get("ttft_ms")), _float(get("upstream_ms")), _float(get("overhead_ms")), _uint(get("attempts"), 255),
         _texts(get("fallbacks")), _text(get("split_arm")), _findings(get("guardrail_findings")),
         _text(get("guardrail_action")), _text(get("ratelimit_outcome")),
-        {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, Mapping) else {},
+        _metadata(metadata),
         request_payload, response_payload, request_cut or response_cut, _text(get("policy_version")),
         bool(get("is_shadow")), _text(get("shadow_of")),
     ]
@@ -153,6 +168,86 @@ def safe_row(record: Any, *, log_payloads: bool, max_payload_bytes: int) -> tupl
         bare = {"request_id": safe_text(request_id), "ts": ts if isinstance(ts, int | float | str) else None,
                 "request_payload": marker}
         return to_row(bare, log_payloads=log_payloads, max_payload_bytes=max_payload_bytes), False
+
+
+_TEXT, _TIME, _TEXTS, _UINT, _BOOL, _FLOAT, _FINDINGS, _MAP, _PAYLOAD, _CUT = range(10)
+# Each column's kind (and an integer's upper bound), in COLUMNS order.
+_KINDS: tuple[tuple[str, int, int], ...] = tuple((name, *kind) for name, kind in zip(COLUMNS, (
+    (_TEXT, 0), (_TIME, 0), (_TEXT, 0), (_TEXT, 0), (_TEXTS, 0), (_TEXT, 0), (_TEXT, 0), (_TEXT, 0), (_TEXT, 0),
+    (_UINT, 65_535), (_TEXT, 0), (_TEXT, 0), (_BOOL, 0), *[(_UINT, _UINT32)] * 6, (_BOOL, 0), (_UINT, 2**64 - 1),
+    (_UINT, 2**64 - 1), *[(_FLOAT, 0)] * 4, (_UINT, 255), (_TEXTS, 0), (_TEXT, 0), (_FINDINGS, 0), (_TEXT, 0),
+    (_TEXT, 0), (_MAP, 0), (_PAYLOAD, 0), (_PAYLOAD, 0), (_CUT, 0), (_TEXT, 0), (_BOOL, 0), (_TEXT, 0),
+), strict=True))
+
+
+_CUT_INDEX = COLUMNS.index("payload_truncated")
+_RECORD_FIELDS = operator.itemgetter(*(name for name in COLUMNS if name != "payload_truncated"))
+
+
+def to_columns(records: Sequence[Mapping[str, Any]], *, log_payloads: bool,
+               max_payload_bytes: int) -> tuple[list[list[Any]], list[str]]:
+    """The batch as columns in COLUMNS order (the rows safe_row makes, pivoted), and the request ids of the records
+    that could not be typed.
+
+    Column by column, a value that already has its column's type passes one test and is taken as it is; any
+    other goes through to_row's converter. A batch with a record to_row cannot type is built row by row instead.
+    """
+    try:
+        return _columns(records, log_payloads, max_payload_bytes), []
+    except Exception:
+        pass
+    rows: list[list[Any]] = []
+    untypable: list[str] = []
+    for record in records:
+        row, typed = safe_row(record, log_payloads=log_payloads, max_payload_bytes=max_payload_bytes)
+        rows.append(row)
+        if not typed:
+            untypable.append(row[0])
+    return [list(column) for column in zip(*rows, strict=True)] if rows else [[] for _ in COLUMNS], untypable
+
+
+def _columns(records: Sequence[Mapping[str, Any]], log_payloads: bool, max_bytes: int) -> list[list[Any]]:
+    if not records:
+        return [[] for _ in COLUMNS]
+    try:
+        # A record as the gateway makes it has every field: read and pivoted in C, then each column in one sweep.
+        table: list[tuple[Any, ...]] | None = list(zip(*map(_RECORD_FIELDS, records), strict=True))
+    except KeyError:
+        table = None
+    columns: list[list[Any]] = []
+    stored: list[list[tuple[str, bool]]] = []
+    for index, (name, kind, limit) in enumerate(_KINDS):
+        if kind == _CUT:
+            values: Sequence[Any] = ()
+        elif table is not None:
+            values = table[index if index < _CUT_INDEX else index - 1]
+        else:
+            values = [record.get(name) for record in records]
+        if kind == _TEXT:
+            column: list[Any] = [v if type(v) is str else _text(v) for v in values]
+        elif kind == _UINT:
+            column = [v if type(v) is int and 0 <= v <= limit else _uint(v, limit) for v in values]
+        elif kind == _FLOAT:
+            column = [v if type(v) is float and v > 0.0 else _float(v) for v in values]
+        elif kind == _BOOL:
+            column = [v if type(v) is bool else bool(v) for v in values]
+        elif kind == _TIME:
+            column = [datetime.fromtimestamp(v, UTC) if type(v) is float and 0.0 < v <= _MAX_TS else _timestamp(v)
+                      for v in values]
+        elif kind == _TEXTS:
+            column = [_texts(v) for v in values]
+        elif kind == _FINDINGS:
+            column = [[] if type(v) is list and not v else _findings(v) for v in values]
+        elif kind == _MAP:
+            column = [{} if type(v) is dict and not v else _metadata(v) for v in values]
+        elif kind == _PAYLOAD:
+            payloads = [_stored_payload(v, log_payloads, max_bytes) for v in values]
+            stored.append(payloads)
+            column = [text for text, _ in payloads]
+        else:
+            column = [a[1] or b[1] for a, b in zip(*stored, strict=True)]
+        columns.append(column)
+    return columns
 
 
 def batch_token(records: Iterable[Mapping[str, Any]]) -> str:

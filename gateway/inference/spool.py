@@ -1,5 +1,9 @@
 """A folder of batch files that could not reach ClickHouse, replayed oldest first.
 
+A file written now starts with the line `lockgate spool 2`, then holds its frames each after its length (uint64,
+little-endian): a frame may carry payloads as they are, newlines included. Files without that line (format 1, as
+earlier versions wrote them) hold one JSON frame, or one record, per line; both are read and replayed alike.
+
 The gateway's process writes the files; the writer process replays and removes them and reports what it removed,
 so the counters here (the gateway's metrics) stay right without reading the folder again. Workers that share one
 writer process share its folder too: each counts the files it wrote (their names carry its pid), and the writer
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import struct
 import threading
 import time
 from collections.abc import Sequence
@@ -23,12 +28,14 @@ SUFFIX = ".jsonl"
 PARTIAL_SUFFIX = ".tmp"
 # A partial file this old is no write in progress (one takes milliseconds), whoever's pid its name carries.
 ORPHAN_AGE_S = 60.0
+FORMAT_2 = b"lockgate spool 2\n"
+_FRAME_LENGTH = struct.Struct("<Q")
 
 
 class Spool:
     """Each batch is one file written whole (temp file + rename), so a crash never leaves half a batch behind.
 
-    A file holds one frame per line; its name carries its row count (`<ns>-<pid>-<seq>-<rows>r.jsonl`).
+    A file holds its frames (module docstring); its name carries its row count (`<ns>-<pid>-<seq>-<rows>r.jsonl`).
     The owner (the gateway's process) counts the files at start and removes partial ones a crash left behind;
     the writer process opens the same folder to replay it. A `shared` owner (one worker of several) counts only
     the files it writes.
@@ -88,9 +95,10 @@ class Spool:
         final = self.directory / name
         partial = self.directory / f".{name}{PARTIAL_SUFFIX}"
         with open(partial, "wb") as handle:
+            handle.write(FORMAT_2)
             for frame in frames:
+                handle.write(_FRAME_LENGTH.pack(len(frame)))
                 handle.write(frame)
-                handle.write(b"\n")
             handle.flush()
             os.fsync(handle.fileno())
             size = handle.tell()
@@ -104,7 +112,11 @@ class Spool:
 
     @staticmethod
     def read(path: Path) -> list[dict[str, Any]]:
-        return decode_frames(path.read_bytes().splitlines())
+        """The file's records; ValueError for a damaged file."""
+        data = path.read_bytes()
+        if data.startswith(FORMAT_2):
+            return decode_frames(_frames(data))
+        return decode_frames(data.splitlines())
 
     def remove(self, path: Path) -> tuple[int, int]:
         """Delete a replayed batch; returns its (rows, bytes)."""
@@ -133,8 +145,23 @@ class Spool:
             self._rows = max(self._rows - rows, 0)
 
 
+def _frames(data: bytes) -> list[bytes]:
+    frames = []
+    position = len(FORMAT_2)
+    while position < len(data):
+        if position + _FRAME_LENGTH.size > len(data):
+            raise ValueError("a spool file cut short in a frame's length")
+        (size,) = _FRAME_LENGTH.unpack_from(data, position)
+        position += _FRAME_LENGTH.size
+        if position + size > len(data):
+            raise ValueError("a spool file cut short in a frame")
+        frames.append(data[position:position + size])
+        position += size
+    return frames
+
+
 def rows_in(path: Path) -> int:
-    """The row count in the file name; files without one (older ones) hold one record per line."""
+    """The row count in the file name; files without one (the oldest) hold one record per line."""
     last = path.name.removesuffix(SUFFIX).rsplit("-", 1)[-1]
     if last.endswith("r") and last[:-1].isdigit():
         return int(last[:-1])

@@ -1,8 +1,12 @@
 """Records as bytes: the form a batch takes on the pipe to the writer process and in a spool file.
 
-A batch is a sequence of frames; a frame is one JSON array of records, serialized by one orjson call.
-Frames stay small so that no single call holds the GIL for long in the gateway's process. On the pipe, every
-message is length-prefixed as multiprocessing's Connection does it, so the gateway's side keeps using one.
+A batch is a sequence of frames of at most 64 records, so that no single orjson call holds the GIL for long in the
+gateway's process. A frame is one JSON array of records; or, when payloads travel apart (format 2), the byte 0x01,
+the array's length (uint32, little-endian), the array with those payloads left out, two signed 64-bit lengths a
+record (request and response payload; -1: in the record, or none), and the payloads' JSON text back to back. The
+writer process stores that text as it gets it: it neither parses the payloads nor encodes them again. Payloads that
+are bytes (the upstream's answer body) are not even encoded here. On the pipe, every message is length-prefixed as
+multiprocessing's Connection does it, so the gateway's side keeps using one.
 
 Encoding never fails: a record orjson refuses is encoded field by field, a payload that cannot be encoded is
 replaced by a marker naming the reason, and any other bad value becomes text, so the row is still written.
@@ -35,6 +39,14 @@ NOT_A_RECORD = "not_a_record"
 # Connection's prefix: a signed 32-bit length, or -1 and then an unsigned 64-bit one.
 _LENGTH = struct.Struct("!i")
 _LONG_LENGTH = struct.Struct("!Q")
+SPLIT_FRAME = b"\x01"
+_SPLIT_HEAD = struct.Struct("<cI")
+_PAYLOAD_LENGTH = 8
+# A payload nested deeper than 253 levels cannot sit in a format-1 frame (orjson stops at 255), and is replaced by
+# a marker: one whose text holds fewer brackets than this is surely shallower. A deeper-looking one is encoded again
+# inside a list and an object, as it sits in a frame, and its text taken from between `[{"":` and `}]`.
+_SURELY_SHALLOW = 200
+_WRAPPED_PREFIX, _WRAPPED_SUFFIX = len(b'[{"":'), len(b"}]")
 
 # Called with the reason label and the request id once for each record the fallback path had to alter.
 OnUnencodable = Callable[[str, str], None]
@@ -146,20 +158,106 @@ def _encode_any(record: Any, on_unencodable: OnUnencodable | None) -> bytes:
                        "request_payload": PAYLOAD_MARKER.format(reason=UNSERIALIZABLE[1])})
 
 
-def encode_frame(records: Sequence[Any], on_unencodable: OnUnencodable | None = None) -> bytes:
+def _encode_array(records: Sequence[Any], on_unencodable: OnUnencodable | None) -> bytes:
     try:
         return _dumps(records)
     except Exception:
         return b"[" + b",".join(_encode_any(record, on_unencodable) for record in records) + b"]"
 
 
+def payload_json(payload: Any) -> bytes | memoryview | None:
+    """The text a payload is stored as, as UTF-8: bytes as they are, text encoded, a dict or list as JSON.
+
+    None for anything else (and for what this cannot encode): it then travels inside its record, where the
+    record's encoding and the writer treat it as they always did, so that the stored text is the same either way.
+    Without OPT_NON_STR_KEYS: a key 1 next to a key "1" would be two keys here and one after the record's way.
+    """
+    kind = type(payload)
+    if kind is bytes:
+        return payload
+    if kind is dict or kind is list:
+        try:
+            text = orjson.dumps(payload, default=_fallback)
+            if text.count(b"[") + text.count(b"{") < _SURELY_SHALLOW:
+                return text
+            wrapped = orjson.dumps([{"": payload}], default=_fallback)
+        except Exception:
+            return None
+        return memoryview(wrapped)[_WRAPPED_PREFIX:-_WRAPPED_SUFFIX]
+    if kind is str:
+        try:
+            return payload.encode()
+        except UnicodeEncodeError:
+            return None
+    if kind is bytearray or kind is memoryview:
+        return bytes(payload)
+    return None
+
+
+def encode_frame(records: Sequence[Any], on_unencodable: OnUnencodable | None = None) -> bytes:
+    """One frame; its payloads apart (format 2) when any can be, else the plain array. Never raises for a record."""
+    metas = list(records)
+    lengths: list[int] = []
+    payloads: list[bytes | memoryview] = []
+    for index, record in enumerate(metas):
+        if type(record) is not dict:
+            lengths += (-1, -1)
+            continue
+        meta = None
+        for name in PAYLOADS:
+            payload = record.get(name)
+            text = None if payload is None else payload_json(payload)
+            if text is None:
+                lengths.append(-1)
+                continue
+            if meta is None:
+                meta = metas[index] = record.copy()
+            meta[name] = None
+            lengths.append(len(text))
+            payloads.append(text)
+    if not payloads:
+        return _encode_array(records, on_unencodable)
+    array = _encode_array(metas, on_unencodable)
+    return b"".join((_SPLIT_HEAD.pack(SPLIT_FRAME, len(array)), array,
+                     struct.pack(f"<{len(lengths)}q", *lengths), *payloads))
+
+
+def _split_records(frame: bytes) -> list[Any]:
+    """A format-2 frame's records with their payloads (bytes); ValueError for one that does not add up."""
+    end = _SPLIT_HEAD.size + _SPLIT_HEAD.unpack_from(frame)[1]
+    records = orjson.loads(memoryview(frame)[_SPLIT_HEAD.size:end])
+    if not isinstance(records, list):
+        raise ValueError("a frame whose records are not an array")
+    records = [record if isinstance(record, dict) else {"request_id": safe_text(record)} for record in records]
+    position = end + _PAYLOAD_LENGTH * 2 * len(records)
+    if position > len(frame):
+        raise ValueError("a frame cut short in its payload lengths")
+    lengths = struct.unpack_from(f"<{2 * len(records)}q", frame, end)
+    for index, length in enumerate(lengths):
+        if length < 0:
+            continue
+        if position + length > len(frame):
+            raise ValueError("a frame cut short in its payloads")
+        records[index >> 1][PAYLOADS[index & 1]] = frame[position:position + length]
+        position += length
+    if position != len(frame):
+        raise ValueError("a frame with bytes past its payloads")
+    return records
+
+
 def decode_frames(frames: Iterable[bytes]) -> list[dict[str, Any]]:
-    """Records from frames or from lines of a spool file, where a line is a frame or (older files) one record.
+    """Records from frames or from lines of a format-1 spool file, where a line is a frame or (older files) one record.
 
     A value that is not an object (only a damaged file has one) becomes a record carrying it as its request id.
+    Payloads that travelled apart are bytes in the record: their stored text as UTF-8. ValueError for a damaged frame.
     """
     records: list[dict[str, Any]] = []
     for frame in frames:
+        if frame[:1] == SPLIT_FRAME:
+            if len(frame) < _SPLIT_HEAD.size:
+                raise ValueError("a frame cut short in its head")
+            records += _split_records(frame)
+            continue
         if not frame.strip():
             continue
         value = orjson.loads(frame)
