@@ -89,7 +89,9 @@ async def test_a_line_still_refused_when_the_batch_expires_gets_batch_expired(ma
     _, upstream = fake_openai
     server = await make_gateway(ROUTES + "limits:\n  - {{scope: user, requests: 1/minute}}\n",
                                 url=str(upstream.make_url("/v1")))
-    results = await _run(server, [_chat("first"), _chat("second")], expires_in_s=5)
+    # One at a time, so "first" is the line the minute's one request goes to; the refusal's Retry-After (up to a
+    # minute, waited 30 s at most) reaches past the window, so "second" expires at once instead of waiting.
+    results = await _run(server, [_chat("first"), _chat("second")], expires_in_s=20, slots=Slots(override=1))
     assert results["first"].status_code == 200
     assert results["second"].status_code is None and results["second"].error["code"] == "batch_expired"
     assert orjson.loads(results["second"].to_line())["response"] is None
