@@ -38,8 +38,9 @@ from aiohttp import web
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.features import bench_caller  # noqa: E402
 from benchmarks.mock_upstream import MockUpstreamProtocol, build_replies  # noqa: E402
-from policies.keys import hash_key, new_key  # noqa: E402
+from policies.keys import new_key  # noqa: E402
 
 ROUTE = "bench-batch"
 _SUMMARY = re.compile(rb"(\d+) in ([\d.]+) s \(([\d.]+) lines/s\), cost \$([\d.]+)")
@@ -82,11 +83,7 @@ class ThroughputRow:
 
 def upstream_policy(upstream: str, key: str) -> dict:
     return {
-        "version": 1,
-        "keys": [{"id": "bench", "sha256": hash_key(key), "user": "bench"}],
-        "users": {"bench": {"groups": ["bench"]}},
-        "roles": {"caller": {"models": ["*"]}},
-        "bindings": [{"role": "caller", "group": "bench"}],
+        **bench_caller(key),
         "providers": {"mock": {"type": "openai", "base_url": upstream, "api_key": "sk-mock"}},
         "routes": {ROUTE: {"targets": [{"provider": "mock", "model": "mock-model"}]}},
         "prices": {"mock-model": {"input": 0.15, "output": 0.6}},
@@ -190,11 +187,7 @@ class PriorityFigures:
 
 def priority_policy(model_path: Path, key: str, max_num_seqs: int, batch_concurrency: int, batch_priority: int) -> dict:
     return {
-        "version": 1,
-        "keys": [{"id": "bench", "sha256": hash_key(key), "user": "bench"}],
-        "users": {"bench": {"groups": ["bench"]}},
-        "roles": {"caller": {"models": ["*"]}},
-        "bindings": [{"role": "caller", "group": "bench"}],
+        **bench_caller(key),
         "providers": {"local": {"type": "embedded", "model": str(model_path),
                                 "engine": {"max_model_len": 1024, "max_num_seqs": max_num_seqs}}},
         "routes": {PRIORITY_ROUTE: {"targets": [{"provider": "local"}],

@@ -74,14 +74,21 @@ class Variant:
     row_suffix: str = ""
 
 
-def bare_policy(upstream: str, key: str, folder: Path, redis_url: str) -> dict:
-    """One route and its caller; every other section at its defaults (no limits, guardrails or table)."""
+def bench_caller(key: str) -> dict:
+    """The policy's version and its one caller, `bench`, allowed every model."""
     return {
         "version": 1,
         "keys": [{"id": "bench", "sha256": hash_key(key), "user": "bench"}],
         "users": {"bench": {"groups": ["bench"]}},
         "roles": {"caller": {"models": ["*"]}},
         "bindings": [{"role": "caller", "group": "bench"}],
+    }
+
+
+def bare_policy(upstream: str, key: str, folder: Path, redis_url: str) -> dict:
+    """One route and its caller; every other section at its defaults (no limits, guardrails or table)."""
+    return {
+        **bench_caller(key),
         "providers": {"mock": {"type": "openai", "base_url": upstream, "api_key": "sk-mock"}},
         "routes": {ROUTE: {"targets": [{"provider": "mock", "model": "mock-model"}]}},
     }

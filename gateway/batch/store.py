@@ -31,6 +31,7 @@ import orjson
 
 from gateway.batch.usage import UsageSums
 from gateway.inference.ids import uuid7
+from gateway.inference.spool import sync_folder
 from policies.jwt_auth import JWT_KEY_PREFIX
 from policies.keys import Principal
 from policies.schema import Policy
@@ -81,15 +82,6 @@ def write_atomically(path: Path, data: bytes) -> None:
         os.fsync(out.fileno())
     os.replace(tmp, path)
     sync_folder(path.parent)
-
-
-def sync_folder(folder: Path) -> None:
-    """Makes a rename or a new name in `folder` survive a crash of the machine."""
-    handle = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
 
 
 def _read_record(path: Path, kind: str) -> dict | None:

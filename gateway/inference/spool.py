@@ -104,7 +104,7 @@ class Spool:
             size = handle.tell()
         os.replace(partial, final)
         # The rename is durable only once the folder's entry is on disk too.
-        _fsync_directory(self.directory)
+        sync_folder(self.directory)
         with self._lock:
             self._bytes += size
             self._rows += rows
@@ -168,12 +168,13 @@ def rows_in(path: Path) -> int:
     return sum(1 for line in path.read_bytes().splitlines() if line.strip())
 
 
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+def sync_folder(folder: Path) -> None:
+    """Makes a rename or a new name in `folder` survive a crash of the machine."""
+    handle = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(fd)
+        os.fsync(handle)
     finally:
-        os.close(fd)
+        os.close(handle)
 
 
 def _writer_alive(partial_name: str) -> bool:
