@@ -192,8 +192,11 @@ def first_answer(port: int, body: bytes, key: str) -> bool:
         connection.close()
 
 
-def start_gateway(policy: Path, port: int, workers: int, key: str, log: IO[bytes]) -> tuple[subprocess.Popen, float]:
-    """Starts `gateway.cli serve`; returns it and the seconds from Popen to the first 200 of a chat completion."""
+def start_gateway(policy: Path, port: int, workers: int, key: str,
+                  log: IO[bytes]) -> tuple[subprocess.Popen, float, float]:
+    """Starts `gateway.cli serve`; returns it, the seconds from Popen to the first 200 of a chat completion, and to the
+    first 200 of /readyz (a worker answers before Presidio has loaded, but says `starting` until then: a balancer
+    sends it traffic only after that, so the measured phases start there too)."""
     env = {**os.environ, "LOCKGATE_LOG_LEVEL": os.environ.get("LOCKGATE_LOG_LEVEL", "WARNING")}
     body = chat_body(ROUTE, False)
     started = time.perf_counter()
@@ -206,7 +209,19 @@ def start_gateway(policy: Path, port: int, workers: int, key: str, log: IO[bytes
             stop_tree(process)
             raise RuntimeError(f"the gateway gave no answer within 120 s ({log.name})")
         time.sleep(START_POLL_S)
-    return process, time.perf_counter() - started
+    first_answer_s = time.perf_counter() - started
+    while not is_ready(port):
+        if process.poll() is not None or time.perf_counter() - started > 120:
+            stop_tree(process)
+            raise RuntimeError(f"the gateway was not ready within 120 s ({log.name})")
+        time.sleep(START_POLL_S)
+    return process, first_answer_s, time.perf_counter() - started
+
+
+def is_ready(port: int) -> bool:
+    with contextlib.suppress(OSError), urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as reply:
+        return reply.status == 200
+    return False
 
 
 def stop_tree(process: subprocess.Popen) -> list[int]:
@@ -272,8 +287,9 @@ def run_phase(target: Target, phase: str, pids: dict[str, int], settings: argpar
             "loop_lag_max_ms": None if lag_max is None else lag_max * 1000, "loop_lag_over_5ms": lag_over_5ms(before, after)}
 
 
-def measure(target: Target, start_s: float | None, pids: dict[str, int], settings: argparse.Namespace) -> dict:
-    figures: dict = {"start_s": start_s, "idle_rss_mb": settled_rss_mb(target.root)}
+def measure(target: Target, start_s: float | None, pids: dict[str, int], settings: argparse.Namespace,
+            ready_s: float | None = None) -> dict:
+    figures: dict = {"start_s": start_s, "ready_s": ready_s, "idle_rss_mb": settled_rss_mb(target.root)}
     figures["phases"] = {phase: run_phase(target, phase, pids, settings) for phase in target.variant.phases}
     figures["hwm_sum_mb"] = tree_memory_mb(tree_pids(target.root), "VmHWM")
     figures["table"] = {label: read(figures) for label, (_, read) in FIGURES.items()}
@@ -294,11 +310,12 @@ def run_variant(variant: Variant, mock: tuple[int, int], redis: tuple[str, int],
         policy = folder / "policy.yaml"
         policy.write_text(json.dumps(variant.policy(f"http://127.0.0.1:{mock_port}/v1", key, folder, redis_url)))
         port = free_port()
-        process, start_s = start_gateway(policy, port, variant.workers, key, log)
+        process, start_s, ready_s = start_gateway(policy, port, variant.workers, key, log)
         try:
             target = Target(variant, process.pid, f"http://127.0.0.1:{port}/v1/chat/completions",
                             {"Authorization": f"Bearer {key}"}, port)
-            figures = measure(target, start_s, {"target": process.pid, "redis": redis_pid, "mock": mock_pid}, settings)
+            figures = measure(target, start_s, {"target": process.pid, "redis": redis_pid, "mock": mock_pid}, settings,
+                              ready_s)
         finally:
             leftover = stop_tree(process)
     return figures | {"leftover_processes": leftover}
@@ -326,6 +343,7 @@ CPU_JSON, CPU_STREAM, P99_AT_1 = "gateway CPU ms/req, JSON @N", "gateway CPU ms/
 REDIS_JSON, REDIS_STREAM = "  redis-server CPU ms/req, JSON @N", "  redis-server CPU ms/req, stream @N"
 IDLE_RSS, PEAK_RSS = "idle RSS MB, whole tree", "peak RSS MB, whole tree, under load"
 START, LAG = "start to first answer s", "max event-loop lag ms, all phases"
+READY = "start to ready (/readyz 200) s"
 # At one connection the cores are not all busy, so a late timer is the gateway's own stall, not a wait for a core.
 LAG_AT_1 = "max event-loop lag ms, JSON @1"
 FIGURES: dict[str, tuple[int, Callable[[dict], float | None]]] = {  # table row: (digits, value)
@@ -342,6 +360,7 @@ FIGURES: dict[str, tuple[int, Callable[[dict], float | None]]] = {  # table row:
     IDLE_RSS: (0, lambda figures: figures["idle_rss_mb"]),
     PEAK_RSS: (0, over_phases("peak_rss_mb", max)),
     START: (2, lambda figures: figures["start_s"]),
+    READY: (2, lambda figures: figures["ready_s"]),
     LAG_AT_1: (2, at("json_1", "loop_lag_max_ms")),
     LAG: (2, over_phases("loop_lag_max_ms", max)),
     "event-loop lags over 5 ms, all phases": (0, over_phases("loop_lag_over_5ms", sum)),

@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 import signal
+import sys
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -16,7 +17,7 @@ from aiohttp import web
 from gateway.api.connections import ClientLimits, GatewayRunner
 from gateway.app import SERVER_CONFIG, create_app, flush_reserve_s
 from gateway.context import GATEWAY
-from gateway.metrics import watch_frozen_objects
+from gateway.metrics import record_frozen_objects
 from gateway.supervisor import SERVING, ServeOptions, configure_logging
 
 log = logging.getLogger("lockgate")
@@ -25,6 +26,11 @@ _LINGER_S = 2.0
 # How often, and at most how long, the heap waits for Presidio's background load before it is frozen.
 _FREEZE_POLL_S = 0.1
 _FREEZE_WAIT_S = 300.0
+_COLLECTOR_OFF_S = 30.0
+# The loop shares the GIL with the inference writer's feeder thread and Presidio's background load. When the loop
+# wakes while one of them runs Python, it waits for the interpreter's switch interval (5 ms by default): 1 ms
+# bounds that wait at the cost of a few more switches while both run.
+_SWITCH_INTERVAL_S = 0.001
 
 __all__ = ["ServeOptions", "run_worker"]
 
@@ -44,11 +50,22 @@ def _watch_supervisor(loop: asyncio.AbstractEventLoop, channel: Connection, stop
 async def _freeze_when_loaded(loading: Callable[[], bool]) -> None:
     """Presidio loads in the background after the first freeze; a full collection then walked its ~64 k objects and
     their large tables for 65-180 ms, stalling every request in flight. Frozen, a full collection walks only what was
-    made since. The load leaves no garbage (a collection right after it found none), so no collection precedes."""
+    made since. The load leaves no garbage (a collection right after it found none), so no collection precedes.
+
+    Until then (at most _COLLECTOR_OFF_S) the automatic collector is off: the load's own allocations set off full
+    collections of 40-75 ms, on the loop's thread as often as on the loader's, while the worker already served."""
     deadline = time.monotonic() + _FREEZE_WAIT_S
-    while loading() and time.monotonic() < deadline:
-        await asyncio.sleep(_FREEZE_POLL_S)
-    gc.freeze()
+    collector_back = time.monotonic() + _COLLECTOR_OFF_S
+    gc.disable()
+    try:
+        while loading() and time.monotonic() < deadline:
+            if time.monotonic() >= collector_back:
+                gc.enable()
+            await asyncio.sleep(_FREEZE_POLL_S)
+        gc.freeze()
+        record_frozen_objects()
+    finally:
+        gc.enable()
 
 
 async def _serve_worker(options: ServeOptions, reuse_port: bool, channel: Connection | None) -> None:
@@ -68,7 +85,7 @@ async def _serve_worker(options: ServeOptions, reuse_port: bool, channel: Connec
     # walked by every full collection, which cost ~5% of a request's CPU under load.
     gc.collect()
     gc.freeze()
-    watch_frozen_objects()
+    record_frozen_objects()
     loop = asyncio.get_running_loop()
     guardrails = app[GATEWAY].policy.guardrails
     freezing = loop.create_task(_freeze_when_loaded(lambda: guardrails is not None and guardrails.loading))
@@ -92,6 +109,7 @@ async def _serve_worker(options: ServeOptions, reuse_port: bool, channel: Connec
 def run_worker(options: ServeOptions, reuse_port: bool, channel: Connection | None = None) -> None:
     """Serves until SIGTERM/SIGINT. `channel`: the socket pair end of a supervised worker, told when it serves."""
     configure_logging()
+    sys.setswitchinterval(_SWITCH_INTERVAL_S)
     # Until the loop's handlers are in place, a reload request must not end the start (SIGHUP's default action).
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if channel is not None:

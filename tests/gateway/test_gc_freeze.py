@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from gateway import server
 from tests.conftest import policy_text, sdk
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.served import Served, start_gateway
@@ -100,3 +102,43 @@ async def test_every_worker_freezes_presidio(tmp_path: Path, upstream, gateways)
     gateways.append(guarded)
     smallest = await _settled_frozen(guarded, plain_frozen + PRESIDIO_OBJECTS)
     assert smallest >= plain_frozen + PRESIDIO_OBJECTS, (plain_frozen, smallest)
+
+
+async def test_collector_is_off_while_presidio_loads_and_back_after(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server, "_FREEZE_POLL_S", 0.01)
+    states = iter([True, True, True, False])
+    seen: list[bool] = []
+
+    def loading() -> bool:
+        seen.append(gc.isenabled())
+        return next(states)
+
+    frozen_before = gc.get_freeze_count()
+    try:
+        await server._freeze_when_loaded(loading)
+        assert seen == [False] * 4
+        assert gc.isenabled()
+        assert gc.get_freeze_count() > frozen_before
+    finally:
+        gc.unfreeze()
+        gc.enable()
+
+
+async def test_collector_comes_back_after_its_bound_even_if_presidio_still_loads(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server, "_FREEZE_POLL_S", 0.01)
+    monkeypatch.setattr(server, "_COLLECTOR_OFF_S", 0.0)
+    states = iter([True, True, True, False])
+    seen: list[bool] = []
+
+    def loading() -> bool:
+        seen.append(gc.isenabled())
+        return next(states)
+
+    try:
+        await server._freeze_when_loaded(loading)
+        assert seen[0] is False and seen[1:] == [True] * 3
+        assert gc.isenabled()
+    finally:
+        gc.unfreeze()
+        gc.enable()
