@@ -259,6 +259,8 @@ def run_phase(target: Target, phase: str, pids: dict[str, int], settings: argpar
     cpu_before, machine_before = {name: sum(process_tree_cpu_s(pid)) for name, pid in pids.items()}, machine_cpu_ticks()
     with PeakRss(target.root) as peak:
         result = run_load_subprocess(spec)
+        # Over the load alone: the writers' settling after it leaves cores idle, which would hide a machine-bound load.
+        machine = [now - then for now, then in zip(machine_cpu_ticks(), machine_before, strict=True)]
         settled: bool | None = None
         lags: list[float] = []  # each scrape resets the gauge to the largest lag since the previous one
         if target.variant.settle == "rows" and port is not None:
@@ -271,7 +273,6 @@ def run_phase(target: Target, phase: str, pids: dict[str, int], settings: argpar
                     break
                 time.sleep(0.25)
     cpu = {name: sum(process_tree_cpu_s(pid)) - cpu_before[name] for name, pid in pids.items()}
-    machine = [now - then for now, then in zip(machine_cpu_ticks(), machine_before, strict=True)]
     after = scrape(port) if port is not None else {}
     if result.errors:
         print(f"warning: {target.variant.name} {phase}: {result.errors} failed requests {result.statuses}", file=sys.stderr)
@@ -500,8 +501,8 @@ def scaling_table(rounds: list[dict[str, dict]], connections: int, one: str, two
             "next to 2 under the supervisor (its CPU and the writers' included).\n" + render(lines) + "\n"
             + scaling_bound([measured[two] for measured in rounds], cpus, all_four)
             + f"\nThe load generator (Python), the mock and redis-server share the {cpus} cores with the workers: 'cores allow' "
-            "is the most requests/s this machine gives at those costs; the machine's cores busy (/proc/stat, over the phase "
-            "and the writers' settling) include whatever else runs.")
+            "is the most requests/s this machine gives at those costs; the machine's cores busy (/proc/stat, over the load "
+            "phase) include whatever else runs.")
 
 
 def scaling_bound(two: list[dict], cpus: int, all_four: Callable[[dict], float]) -> str:

@@ -37,6 +37,15 @@ NLP_MODEL_PACKAGES = ("torch", "transformers")
 # spaCy's package imports its command line at import, for `spacy.info`: typer, weasel, httpx, jinja2 and a YAML
 # file parsed, ~12 MB and a fifth of Presidio's start-up CPU that neither engine uses. It runs once called into.
 SPACY_COMMAND_LINE = {"spacy.cli": (), "spacy.cli.info": ("info",)}
+# spaCy as Presidio imports it (~60 MB and ~1 s with numpy and thinc), for its spaCy, Stanza and transformers engines
+# and the empty token list the no-op engine returns; pattern recognizers on a no-op engine that returns no tokens
+# (_no_op_engine) use none of it. Left unloaded unless a NER engine is built (a later policy may ask for one).
+SPACY_FOR_NER = {
+    "spacy": ("Language", "blank", "util"), "spacy.tokens": ("Doc", "Span", "Token", "SpanGroup"),
+    "spacy.vocab": ("Vocab",), "spacy.language": ("Language",), "spacy.util": ("registry",),
+    "spacy.pipeline": ("Pipe",), "presidio_analyzer.nlp_engine.stanza_nlp_engine": ("StanzaNlpEngine",),
+    "presidio_analyzer.nlp_engine.transformers_nlp_engine": ("TransformersNlpEngine",),
+}
 # The anonymizer's encrypt and decrypt operators (unused: masks replace) load `cryptography`'s bindings, ~7 MB.
 ANONYMIZER_CIPHER = {"presidio_anonymizer.operators.aes_cipher": ("AESCipher",)}
 # Presidio compiles each of the ~170 patterns it ships when it defines them, only to check them (~0.4 s CPU, most
@@ -99,7 +108,7 @@ def supported_entities(key: EngineKey) -> frozenset[str]:
 @contextmanager
 def _presidio_import(ner: bool) -> Iterator[None]:
     """Where Presidio is first imported: without the NLP model packages unless a spaCy NER engine is wanted."""
-    deferred = {**SPACY_COMMAND_LINE, **ANONYMIZER_CIPHER, "presidio_analyzer": ()}
+    deferred = {**SPACY_COMMAND_LINE, **ANONYMIZER_CIPHER, "presidio_analyzer": (), **({} if ner else SPACY_FOR_NER)}
     with deferred_modules(deferred), hidden_packages(() if ner else NLP_MODEL_PACKAGES):
         _import_analyzer()
         yield
@@ -144,9 +153,21 @@ def _build_analyzer(key: EngineKey) -> AnalyzerEngine:
 
 
 def _no_op_engine(language: str) -> object:
-    from presidio_analyzer.nlp_engine import NoOpNlpEngine
+    from presidio_analyzer.nlp_engine import NlpArtifacts, NoOpNlpEngine
 
-    engine = NoOpNlpEngine(models=[{"lang_code": language, "model_name": "none"}])
+    class TokenlessEngine(NoOpNlpEngine):
+        """Presidio's no-op engine without its spaCy vocabulary and the empty spaCy document it made per analysis:
+        an empty token list reads the same to the context enhancer (no tokens, no context words)."""
+
+        def __init__(self, models: list[dict[str, str]]) -> None:
+            self.models = self._validate_models(models)
+            self.nlp = None
+
+        def _create_empty_nlp_artifacts(self, language: str) -> NlpArtifacts:
+            return NlpArtifacts(entities=[], tokens=[], tokens_indices=[], lemmas=[], nlp_engine=self,
+                                language=language, scores=[])
+
+    engine = TokenlessEngine(models=[{"lang_code": language, "model_name": "none"}])
     engine.load()
     return engine
 

@@ -1,5 +1,6 @@
 """Presidio loads without torch and transformers (hundreds of MB) when no guardrail needs an NLP model, and
-without what it imports for features the guardrails do not use (spaCy's command line, the anonymizer's cipher).
+without what it imports for features the guardrails do not use (spaCy itself unless NER is on, spaCy's command
+line, the anonymizer's cipher).
 
 Each check runs in a fresh interpreter: the test process has imported Presidio already, and torch with it.
 """
@@ -113,7 +114,8 @@ from guardrails.engine import analyzer_for
 
 guard = Guardrails(["EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE", "US_SSN", "IP_ADDRESS"])
 guard.warm_up()
-loaded = sorted(name for name in ("typer", "weasel", "httpx", "jinja2", "cryptography") if name in sys.modules)
+loaded = sorted(name for name in ("typer", "weasel", "httpx", "jinja2", "cryptography", "thinc", "numpy",
+                                  "spacy.strings") if name in sys.modules)
 engine = analyzer_for(guard.detector.key)
 url_compiled = [p.name for r in engine.registry.recognizers if r.name == "UrlRecognizer" for p in r.patterns
                 if p.compiled_regex is not None]
@@ -171,6 +173,28 @@ seen["package_value"] = heavypkg.VALUE
 seen["missing"] = hasattr(heavy, "nothing")
 print(json.dumps(seen))
 """
+
+# A package deferred with its submodule: its own code runs first once a stand-in is used, as in a plain import.
+DEFERRED_PACKAGE = """
+import json, sys, typing
+sys.path.insert(0, {folder!r})
+from guardrails.hidden_packages import deferred_modules
+
+seen = {{}}
+with deferred_modules({{"pkg": (), "pkg.core": ("Thing",)}}):
+    from pkg.core import Thing
+    import pkg
+typing.List[Thing]
+seen["loaded_by_a_probe"] = "ORDER" in pkg.__dict__
+class Sub(Thing):
+    pass
+seen["order"] = pkg.ORDER
+seen["isinstance"] = isinstance(Sub(), Thing)
+seen["issubclass"] = issubclass(Sub, Thing)
+seen["one_class"] = Sub.__mro__[1] is sys.modules["pkg.core"].Thing is pkg.Thing
+print(json.dumps(seen))
+"""
+
 
 def _run(script: str) -> dict:
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=ROOT, capture_output=True, text=True,
@@ -231,4 +255,14 @@ def test_deferred_modules_run_on_first_use_only_in_the_importing_thread(tmp_path
     assert _run(DEFERRED.format(folder=str(tmp_path))) == {
         "other_thread_ran": True, "ran_at_import": False, "compute": 42, "ran_once_used": True, "submodule": 1,
         "package_ran_for_submodule": False, "package_value": 7, "missing": False,
+    }
+
+
+def test_a_deferred_package_runs_before_its_deferred_submodule_whose_stand_ins_act_as_classes(tmp_path: Path) -> None:
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("ORDER = []\nfrom .core import Thing\nORDER.append('pkg')\n")
+    (tmp_path / "pkg" / "core.py").write_text("from . import ORDER\nORDER.append('core')\n\nclass Thing:\n    pass\n")
+    assert _run(DEFERRED_PACKAGE.format(folder=str(tmp_path))) == {
+        "loaded_by_a_probe": False, "order": ["core", "pkg"], "isinstance": True, "issubclass": True,
+        "one_class": True,
     }
