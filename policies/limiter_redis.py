@@ -25,11 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, ResponseError
-
+from guardrails.hidden_packages import hidden_packages
 from policies.limiter_scripts import CHECK_AND_TAKE, RELEASE, SETTLE
 from policies.limiter_storage import (
     VOID_PREFIX,
@@ -41,6 +37,14 @@ from policies.limiter_storage import (
     WindowSpec,
     redact_dsn,
 )
+
+# redis-py imports OpenTelemetry's metrics SDK when it is installed (it is, for traces): ~0.12 s and psutil at start
+# for redis-py's own client metrics, which the limiter does not turn on. Absent to this import, they stay off.
+with hidden_packages(("opentelemetry", "psutil")):
+    import redis.asyncio as aioredis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from redis.exceptions import NoScriptError, ResponseError
 
 log = logging.getLogger("lockgate.limiter")
 
