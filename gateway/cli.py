@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -13,6 +14,10 @@ from policies.loader import PolicyError, load_policy
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    # What a start imports and builds lives as long as the process: full collections walking it as it grew took
+    # ~0.1 s of each start. A worker collects once and freezes it before it serves, then turns the collector on
+    # again (gateway/server.py); a supervisor of several workers turns it on at once.
+    gc.disable()
     from gateway.supervisor import ServeOptions, serve
 
     try:

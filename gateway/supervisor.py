@@ -8,6 +8,7 @@ one folder that any worker's /metrics reads whole.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import multiprocessing
 import os
@@ -351,6 +352,8 @@ def serve(options: ServeOptions, inference: InferenceTableConfig | None = None) 
     """Blocks until SIGTERM/SIGINT: one worker in this process, or N under the supervisor (`inference`: the policy's
     inference table, when enabled: on chdb the supervisor owns its writer)."""
     if options.workers > 1:
+        # Its workers are processes of their own: this one, long-lived, collects as usual.
+        gc.enable()
         return supervise(options, inference)
     # One process: prometheus_client's in-memory registry costs a request less than the multiprocess files.
     os.environ.pop(MULTIPROC_ENV, None)

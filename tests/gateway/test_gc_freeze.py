@@ -142,3 +142,4 @@ async def test_collector_comes_back_after_its_bound_even_if_presidio_still_loads
     finally:
         gc.unfreeze()
         gc.enable()
+
