@@ -85,7 +85,11 @@ def connections_held(pid: int, port: int) -> int:
     waiting in its listening socket's accept queue. A SIGKILL cuts exactly these."""
     inodes = set()
     for fd in os.listdir(f"/proc/{pid}/fd"):
-        target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            # Closed since the listing (a scrape's connection, say): not one the process holds.
+            continue
         if target.startswith("socket:["):
             inodes.add(target[8:-1])
     held = 0
