@@ -104,9 +104,10 @@ async def test_every_worker_freezes_presidio(tmp_path: Path, upstream, gateways)
     assert smallest >= plain_frozen + PRESIDIO_OBJECTS, (plain_frozen, smallest)
 
 
-async def test_collector_is_off_while_presidio_loads_and_back_after(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(server, "_FREEZE_POLL_S", 0.01)
-    states = iter([True, True, True, False])
+async def _freeze_after_loads(loads: int) -> list[bool]:
+    """Runs the worker's freeze task while Presidio loads for `loads` polls; returns whether the collector was on at
+    each poll. The collector and the frozen heap are as before afterwards."""
+    states = iter([True] * loads + [False])
     seen: list[bool] = []
 
     def loading() -> bool:
@@ -116,30 +117,21 @@ async def test_collector_is_off_while_presidio_loads_and_back_after(monkeypatch:
     frozen_before = gc.get_freeze_count()
     try:
         await server._freeze_when_loaded(loading)
-        assert seen == [False] * 4
         assert gc.isenabled()
         assert gc.get_freeze_count() > frozen_before
     finally:
         gc.unfreeze()
         gc.enable()
+    return seen
+
+
+async def test_collector_is_off_while_presidio_loads_and_back_after(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server, "_FREEZE_POLL_S", 0.01)
+    assert await _freeze_after_loads(3) == [False] * 4
 
 
 async def test_collector_comes_back_after_its_bound_even_if_presidio_still_loads(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(server, "_FREEZE_POLL_S", 0.01)
     monkeypatch.setattr(server, "_COLLECTOR_OFF_S", 0.0)
-    states = iter([True, True, True, False])
-    seen: list[bool] = []
-
-    def loading() -> bool:
-        seen.append(gc.isenabled())
-        return next(states)
-
-    try:
-        await server._freeze_when_loaded(loading)
-        assert seen[0] is False and seen[1:] == [True] * 3
-        assert gc.isenabled()
-    finally:
-        gc.unfreeze()
-        gc.enable()
-
+    assert await _freeze_after_loads(3) == [False, True, True, True]
