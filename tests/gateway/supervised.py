@@ -80,9 +80,8 @@ def _tcp_rows() -> list[list[str]]:
     return [line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]]
 
 
-def connections_held(pid: int, port: int) -> int:
-    """Client connections to `port` that process `pid` holds: the ones it accepted (its open sockets) and the ones
-    waiting in its listening socket's accept queue. A SIGKILL cuts exactly these."""
+def socket_inodes(pid: int) -> set[str]:
+    """The inodes of the sockets process `pid` has open."""
     inodes = set()
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
@@ -92,6 +91,13 @@ def connections_held(pid: int, port: int) -> int:
             continue
         if target.startswith("socket:["):
             inodes.add(target[8:-1])
+    return inodes
+
+
+def connections_held(pid: int, port: int) -> int:
+    """Client connections to `port` that process `pid` holds: the ones it accepted (its open sockets) and the ones
+    waiting in its listening socket's accept queue. A SIGKILL cuts exactly these."""
+    inodes = socket_inodes(pid)
     held = 0
     for row in _tcp_rows():
         local_port, state, queues, inode = int(row[1].split(":")[1], 16), row[3], row[4], row[9]
@@ -102,3 +108,12 @@ def connections_held(pid: int, port: int) -> int:
         elif state == "0A":  # LISTEN: the receive queue is its accept queue
             held += int(queues.split(":")[1], 16)
     return held
+
+
+def wait_sockets_closed(inodes: set[str], timeout_s: float) -> None:
+    """Blocks, without yielding to the event loop, until no TCP socket of `inodes` is open. A killed process's main
+    thread shows as exited before its last thread has closed the files they share, so its state says too little."""
+    deadline = time.monotonic() + timeout_s
+    while any(row[9] in inodes for row in _tcp_rows()):
+        assert time.monotonic() < deadline, f"sockets still open {timeout_s} s after SIGKILL"
+        time.sleep(0.001)
