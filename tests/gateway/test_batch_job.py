@@ -87,10 +87,15 @@ async def test_a_rate_limit_slows_the_batch_without_failing_a_line(make_gateway,
 
 async def test_a_line_still_refused_when_the_batch_expires_gets_batch_expired(make_gateway, fake_openai) -> None:
     _, upstream = fake_openai
-    server = await make_gateway(ROUTES + "limits:\n  - {{scope: user, requests: 1/minute}}\n",
+    server = await make_gateway(ROUTES + "limits:\n  - {{scope: user, requests: 1/hour}}\n",
                                 url=str(upstream.make_url("/v1")))
-    # One at a time, so "first" is the line the minute's one request goes to; the refusal's Retry-After (up to a
-    # minute, waited 30 s at most) reaches past the window, so "second" expires at once instead of waiting.
+    # Windows follow the clock. Near an hour's end, the refusal's Retry-After (what is left of the hour) would fall
+    # inside the batch's 20 s, and "second" would rightly wait and pass: so the lines start in a fresh hour then.
+    left_of_hour_s = 3600 - time.time() % 3600
+    if left_of_hour_s < 30:
+        await asyncio.sleep(left_of_hour_s + 0.5)
+    # One at a time, so "first" is the line the hour's one request goes to; the refusal's Retry-After (most of an
+    # hour, waited 30 s at most) reaches past the window, so "second" expires at once instead of waiting.
     results = await _run(server, [_chat("first"), _chat("second")], expires_in_s=20, slots=Slots(override=1))
     assert results["first"].status_code == 200
     assert results["second"].status_code is None and results["second"].error["code"] == "batch_expired"
