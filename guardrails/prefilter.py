@@ -8,6 +8,7 @@ Every regex starts with a literal or \\d so the engine skips ahead instead of tr
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 import regex
@@ -47,8 +48,15 @@ class Prefilter:
         if digit_counts:
             after_first_digit.append(rf"(?:{_SEPARATOR}\d){{{min(digit_counts) - 1},}}")
         self._digits = regex.compile(r"\d(?:" + "|".join(after_first_digit) + ")") if after_first_digit else None
+        # The characters one of the checks below needs, for ASCII text; one search of these costs ~0.3 µs where
+        # the checks on a clean text cost ~2 µs (a guarded stream runs them for every delta).
+        needed = "".join(char for char, check in (("@", self._email), (":", self._ipv6), ("+", self._plus),
+                                                  ("0-9", self._digits)) if check is not None)
+        self._ascii_needed = re.compile(f"[{needed}]") if needed else None
 
     def __call__(self, text: str) -> bool:
+        if text.isascii() and (self._ascii_needed is None or self._ascii_needed.search(text) is None):
+            return False
         if self._email is not None and "@" in text and self._email.search(text):
             return True
         if self._ipv6 is not None and ":" in text and self._ipv6.search(text):

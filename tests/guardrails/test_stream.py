@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from guardrails import Guardrails, StreamScanner, words_to_regex
-from guardrails.stream import _NER_TAIL, _TAIL, clip_text
+from guardrails.stream import _NER_TAIL, _TAIL, MAX_HOLD_CHARS, _tail_start, clip_text
 
 MESSAGE = (
     "Done. Mail anna.k@example.net, call +1-415-555-0132, card 4111-1111-1111-1111, "
@@ -132,4 +132,20 @@ def test_the_one_way_tail_rule_finds_the_tail_the_backtracking_one_finds(text: s
     name_word = r"[A-Z][\w'\u2019.-]*"
     for reference, rule in ((_backtracking_tail(_PLAIN_FORMS), _TAIL),
                             (_backtracking_tail(f"(?:{_PLAIN_FORMS}|{name_word})"), _NER_TAIL)):
-        assert reference.search(text).start() == rule.search(text).start()
+        assert reference.search(text).start() == rule.pattern.search(text).start()
+
+
+_WORDS = st.text(alphabet="1Aa\u0663\u00c9.-'\u2019", min_size=1, max_size=6)
+_SPACES = st.text(alphabet=" \u00a0\t\n\u2028\x1c", min_size=1, max_size=3)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.tuples(_WORDS, _SPACES), max_size=8), st.booleans(), st.integers(0, 2 * MAX_HOLD_CHARS + 40))
+def test_the_last_word_shortcut_finds_the_tail_the_search_finds(pairs, ends_in_space: bool, filler: int) -> None:
+    # Long fillers put the search's window start inside the last word, inside a run, or before both.
+    text = "x" * filler + "".join(word + space for word, space in pairs)
+    if not ends_in_space:
+        text = text.rstrip()
+    for rule in (_TAIL, _NER_TAIL):
+        expected = rule.pattern.search(text, max(0, len(text) - 2 * MAX_HOLD_CHARS)).start()
+        assert _tail_start(rule, text) == expected
