@@ -58,7 +58,7 @@ def _tail_start(tail: _TailRule, buffer: str) -> int:
         word = buffer.rsplit(None, 1)[-1]
         if tail.joinable_word.fullmatch(word) is None:
             # A run of joinable tokens ends in one, so only the last word is held. Most deltas end this way, and
-            # the search tries the run at every position: 6 µs a delta, a third of a guarded stream's chunk.
+            # the search tries the run at every position: 6 of the 9 µs a clean delta's scan took.
             return max(len(buffer) - len(word), start)
     match = tail.pattern.search(buffer, start)
     return match.start() if match is not None else len(buffer)
