@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.inference.rows import COLUMNS, batch_token, to_columns
 from gateway.inference.spool import Spool, rows_in
-from gateway.inference.store import DEDUP_SETTINGS, connect, migrate
+from gateway.inference.store import DEDUP_SETTINGS, connect, is_embedded, migrate
 from gateway.inference.wire import MessageReader, decode_frames, framed
 
 if TYPE_CHECKING:
@@ -422,7 +422,7 @@ class ChildWriter:
         options = self.options
         try:
             client = options.connect_client() if options.connect_client else connect(options.dsn)
-            migrate(client, options.database, options.payload_ttl_days)
+            migrate(client, options.database, options.payload_ttl_days, sole_writer=is_embedded(options.dsn))
             self.column_types = client.create_insert_context(f"{options.database}.inference",
                                                              column_names=COLUMNS).column_types
         except Exception as error:

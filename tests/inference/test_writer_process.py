@@ -50,6 +50,27 @@ def test_killed_writer_process_loses_and_duplicates_nothing(make_writer) -> None
     assert writer.registry.get_sample_value("lockgate_inference_process_restarts_total") == 1
 
 
+def test_a_batch_written_before_a_crash_and_replayed_after_it_is_counted_once(make_writer) -> None:
+    """The process that created the tables wrote the batch and died before its ack: the next process replays it."""
+    records = [make_record() for _ in range(50)]
+    writer = make_writer()
+    writer.start()
+    for record in records:
+        writer.submit(record)
+    assert writer.flush()
+    first = writer.pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    # What the gateway does with a batch whose ack the dead process never sent.
+    writer.spool.write(records)
+    assert wait_for(lambda: writer.pid not in (None, first))
+    assert writer.flush(timeout=60)
+
+    assert writer.spool.files() == []
+    assert count_rows(writer) == (50, 50)
+    assert rollup_requests(writer) == 50
+
+
 def test_close_ends_the_writer_process(make_writer, refused_dsn: str) -> None:
     up = make_writer()
     down = make_writer(refused_dsn, spool_dir=up.spool.directory.parent / "spool-down")
