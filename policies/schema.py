@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from decimal import Decimal
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -16,7 +17,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PrivateAttr,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -318,24 +318,28 @@ class PriceConfig(Strict):
     cached_input: float | None = Field(None, ge=0, description="USD per 1M prompt tokens read from a prompt cache")
     cache_write: float | None = Field(None, ge=0, description="USD per 1M prompt tokens written to a prompt cache")
     cache_write_1h: float | None = Field(None, ge=0, description="USD per 1M prompt tokens written to a 1-hour cache")
-    _pico_prices: tuple[PicoPrices, PicoPrices] = PrivateAttr()
-
     @model_validator(mode="after")
     def _exact(self) -> PriceConfig:
+        self.pico_prices  # noqa: B018 -- computed here so that an inexact price fails validation with its path
+        return self
+
+    @cached_property
+    def pico_prices(self) -> tuple[PicoPrices, PicoPrices]:
+        """(plain, Anthropic) pico-dollar prices. A cached property, not a private attribute: those are read through
+        pydantic's `__getattr__`, ~2 us on every request's cost."""
         given = {name: _pico(value, name) for name in ("input", "output", "cached_input", "cache_write",
                                                        "cache_write_1h") if (value := getattr(self, name)) is not None}
         plain, output, read = given["input"], given["output"], given.get("cached_input", given["input"])
-        self._pico_prices = (
+        return (
             (plain, output, read, given.get("cache_write", plain), given.get("cache_write_1h", plain)),
             (plain, output, read, given.get("cache_write", int(plain * CACHE_WRITE_FACTOR)),
              given.get("cache_write_1h", int(plain * CACHE_WRITE_1H_FACTOR))),
         )
-        return self
 
     def pico(self, anthropic: bool = False) -> PicoPrices:
         """Pico-dollars per token of input, output, cache read, cache write and 1-hour cache write; `anthropic`:
         the request was served by an Anthropic provider, whose cache writes default to Anthropic's rates."""
-        return self._pico_prices[anthropic]
+        return self.pico_prices[anthropic]
 
 
 class PiiConfig(Strict):

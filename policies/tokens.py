@@ -179,18 +179,46 @@ def _text_tokens(encoding: tiktoken.Encoding, text: str) -> int:
     return len(encoding.encode_ordinary(text))
 
 
+# Clients send the same prompt strings again and again: a conversation its whole history every turn, an app its
+# system prompt with every request. Each prompt string is counted once while it stays in this table; its bound is
+# in characters, so it holds at most a few MB whatever the prompts.
+_COUNTED_MAX_CHARS = 4_000_000
+_COUNTED_MAX_TEXT = 65_536
+_counted: dict[str, dict[str, int]] = {}
+_counted_chars = 0
+
+
+def _prompt_tokens(encoding: tiktoken.Encoding, text: str) -> int:
+    global _counted_chars
+    table = _counted.get(encoding.name)
+    if table is None:
+        table = _counted.setdefault(encoding.name, {})
+    found = table.get(text)
+    if found is not None:
+        return found
+    count = len(encoding.encode_ordinary(text))
+    if len(text) <= _COUNTED_MAX_TEXT:
+        if _counted_chars + len(text) > _COUNTED_MAX_CHARS:
+            _counted.clear()
+            _counted_chars = 0
+            table = _counted.setdefault(encoding.name, {})
+        table[text] = count
+        _counted_chars += len(text)
+    return count
+
+
 def _content_tokens(encoding: tiktoken.Encoding, content: Any) -> int:
     if isinstance(content, str):
-        return _text_tokens(encoding, content)
+        return _prompt_tokens(encoding, content)
     if not isinstance(content, list):
         return 0
     total = 0
     for part in content:
         if isinstance(part, str):
-            total += _text_tokens(encoding, part)
+            total += _prompt_tokens(encoding, part)
         elif isinstance(part, dict):
             if isinstance(part.get("text"), str):
-                total += _text_tokens(encoding, part["text"])
+                total += _prompt_tokens(encoding, part["text"])
             elif part.get("type") in ("image_url", "input_image", "image"):
                 total += IMAGE_PART_TOKENS
     return total
@@ -234,7 +262,7 @@ def chat_tokens(encoding: tiktoken.Encoding, body: dict[str, Any]) -> int:
             elif field == "tool_calls" and isinstance(value, list):
                 total += _json_tokens(encoding, value)
             elif isinstance(value, str):
-                total += _text_tokens(encoding, value)
+                total += _prompt_tokens(encoding, value)
                 if field == "name":
                     total += TOKENS_PER_NAME
     for extra in ("tools", "functions"):

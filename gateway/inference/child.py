@@ -10,6 +10,8 @@ no gateway's event loop waits on it.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import os
 import pickle
@@ -20,7 +22,7 @@ import struct
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,6 +70,22 @@ class ChildOptions:
     connect_client: Callable[[], Client] | None = field(default=None)
     # The unix socket the supervisor's workers connect to; None when the owner is the only peer.
     listen: str | None = None
+
+
+@contextlib.contextmanager
+def uncollected() -> Iterator[None]:
+    """No cyclic collection while a batch is decoded, typed and inserted.
+
+    A batch is ~50 objects a row, all acyclic and freed by their reference counts once it is written; with the
+    collector on, the young collections it triggers walk them again and again, ~20% of this process's Python time.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 class OwnerGone(Exception):
@@ -151,6 +169,8 @@ class ChildWriter:
             self.listen()
             # Before the first batch: one sent with the options finds ClickHouse as a later one would.
             self.ensure_client()
+            # What the imports and the engine built lives as long as the process: later collections skip it.
+            gc.freeze()
             if self.deliver(self.owner, first):
                 while self.step():
                     pass
@@ -333,7 +353,8 @@ class ChildWriter:
         if self.client is None:
             return "skipped"
         try:
-            self.insert(decode_frames(frames), peer)
+            with uncollected():
+                self.insert(decode_frames(frames), peer)
             return "written"
         except self.poison_errors:
             log.exception("inference batch could not be encoded; the gateway spools it")
@@ -355,14 +376,16 @@ class ChildWriter:
     def replay_oldest(self) -> None:
         path = self.to_replay.popleft()
         try:
-            records = self.spool.read(path)
+            with uncollected():
+                records = self.spool.read(path)
         except FileNotFoundError:
             return
         except (OSError, ValueError):
             self.settle(path, "unreadable_spool")
             return
         try:
-            self.insert(records, self.writer_of(path))
+            with uncollected():
+                self.insert(records, self.writer_of(path))
         except self.poison_errors:
             log.exception("spooled batch %s cannot be encoded; moved to %s", path, self.spool.rejected_directory)
             self.settle(path, "rejected")

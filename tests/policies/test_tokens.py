@@ -3,10 +3,14 @@ from __future__ import annotations
 import hashlib
 import pickle
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import tiktoken
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from policies import tokens
 from policies.tokens import count_prompt_tokens, count_text_tokens, encoding_for, install_offline_encodings
 
 # OpenAI cookbook "How to count tokens with tiktoken": these messages are 129 prompt tokens for
@@ -105,3 +109,27 @@ def test_an_encoding_kept_without_its_python_ranks_still_pickles_and_decodes() -
     assert copy.encode("Übermäßig lange Wörter, 東京, and emoji 🎉") == tokens
     assert encoding.decode(tokens) == "Übermäßig lange Wörter, 東京, and emoji 🎉"
     assert encoding.n_vocab == 200_019
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.text(max_size=300), min_size=1, max_size=12), st.sampled_from(["gpt-4", "gpt-4o"]))
+def test_a_prompt_counted_again_counts_what_tiktoken_counts(texts: list[str], model: str) -> None:
+    encoding = tiktoken.get_encoding(encoding_for(model).name)
+    body = {"messages": [{"role": "user", "content": text} for text in texts]}
+    expected = 3 + sum(3 + len(encoding.encode("user")) + len(encoding.encode_ordinary(text)) for text in texts)
+    # A bound this small clears the table within most examples: counts read back after a clear must hold too.
+    with mock.patch.object(tokens, "_COUNTED_MAX_CHARS", 500):
+        for _ in range(3):
+            assert count_prompt_tokens(model, "chat", body) == expected
+        assert tokens._counted_chars <= 500
+
+
+def test_remembered_prompts_stay_within_their_bound() -> None:
+    texts = [f"prompt number {n} " * 50 for n in range(400)]
+    for text in texts:
+        count_prompt_tokens("gpt-4o", "chat", {"messages": [{"role": "user", "content": text}]})
+    held = sum(len(text) for table in tokens._counted.values() for text in table)
+    assert held == tokens._counted_chars <= tokens._COUNTED_MAX_CHARS
+    huge = "word " * 20_000
+    count_prompt_tokens("gpt-4o", "chat", {"messages": [{"role": "user", "content": huge}]})
+    assert huge not in tokens._counted.get("o200k_base", {})
