@@ -1,5 +1,6 @@
 """The writer's ClickHouse work runs in its own process: what happens when that process dies, and when it ends."""
 
+import gc
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import orjson
 import pytest
 
 from gateway.inference import InferenceQueryError, InferenceWriter
+from gateway.inference.child import uncollected
 from tests.inference.records import count_rows, make_record, rollup_requests
 from tests.served import alive
 
@@ -126,3 +128,22 @@ def test_query_says_why_when_clickhouse_is_away(make_writer, refused_dsn: str) -
     writer.start()
     with pytest.raises(InferenceQueryError, match="unavailable"):
         writer.query("SELECT 1")
+
+
+def test_the_collector_is_back_on_after_a_batch_whatever_became_of_it() -> None:
+    # The writer process turns the cyclic collector off for each batch; a batch that fails must not leave it off,
+    # or the process would leak every cycle it ever makes.
+    assert gc.isenabled()
+    with uncollected():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(ValueError), uncollected():
+        raise ValueError("a batch ClickHouse refused")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with uncollected():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
