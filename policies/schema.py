@@ -318,6 +318,7 @@ class PriceConfig(Strict):
     cached_input: float | None = Field(None, ge=0, description="USD per 1M prompt tokens read from a prompt cache")
     cache_write: float | None = Field(None, ge=0, description="USD per 1M prompt tokens written to a prompt cache")
     cache_write_1h: float | None = Field(None, ge=0, description="USD per 1M prompt tokens written to a 1-hour cache")
+
     @model_validator(mode="after")
     def _exact(self) -> PriceConfig:
         self.pico_prices  # noqa: B018 -- computed here so that an inexact price fails validation with its path

@@ -357,9 +357,11 @@ class StalledIdentityProvider(IdentityProvider):
         return await super()._jwks(request)
 
 
+# The keys wait up to 60 s: with the default 5 s, a busy machine once handled the fetch's timeout before the Ctrl-C,
+# and the start ended with a refusal (exit 2) instead of the interruption this test is about.
 JWT_POLICY = """
 auth:
-  jwt: {{jwks_url: "{jwks}", issuer: "{issuer}", audience: "{audience}"}}
+  jwt: {{jwks_url: "{jwks}", issuer: "{issuer}", audience: "{audience}", jwks_timeout_s: 60}}
 roles:
   chatter: {{models: ["chat-*"]}}
 bindings:
