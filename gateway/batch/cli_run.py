@@ -310,9 +310,28 @@ async def _run(options: RunOptions, key: str, plan: Plan) -> int:
     from gateway.context import GATEWAY
     from gateway.errors import GatewayError
 
-    app = create_app(options.policy, run_batches=False)
-    runner = web.AppRunner(app, handle_signals=False)
-    await runner.setup()
+    loop = asyncio.get_running_loop()
+    starting = asyncio.current_task()
+    assert starting is not None
+    interrupted = False
+
+    def interrupt_start() -> None:
+        # The loop's own handler: the interpreter's runs only once the loop wakes for something else, and a start
+        # waiting for the identity provider's keys may not wake for a minute.
+        nonlocal interrupted
+        interrupted = True
+        starting.cancel()
+
+    loop.add_signal_handler(signal.SIGINT, interrupt_start)
+    try:
+        app = create_app(options.policy, run_batches=False)
+        runner = web.AppRunner(app, handle_signals=False)
+        await runner.setup()
+    except asyncio.CancelledError:
+        loop.remove_signal_handler(signal.SIGINT)
+        if interrupted:
+            raise KeyboardInterrupt from None
+        raise
     gateway = app[GATEWAY]
     try:
         principal = plan.principal
@@ -322,8 +341,14 @@ async def _run(options: RunOptions, key: str, plan: Plan) -> int:
             except GatewayError as exc:
                 print(f"lockgate batch run: the API key was refused: {exc.message}", file=sys.stderr)
                 return EXIT_USAGE
+            except asyncio.CancelledError:
+                if interrupted:
+                    raise KeyboardInterrupt from None
+                raise
+        loop.remove_signal_handler(signal.SIGINT)
         return await _run_lines(options, plan, principal, gateway)
     finally:
+        loop.remove_signal_handler(signal.SIGINT)
         gateway.stop_deadline = time.monotonic() + gateway.policy.loaded.policy.server.shutdown_timeout_s
         await runner.cleanup()
 

@@ -357,8 +357,8 @@ class StalledIdentityProvider(IdentityProvider):
         return await super()._jwks(request)
 
 
-# The keys wait up to 60 s: with the default 5 s, a busy machine once handled the fetch's timeout before the Ctrl-C,
-# and the start ended with a refusal (exit 2) instead of the interruption this test is about.
+# The keys wait up to 60 s, so the start is still waiting for them when the Ctrl-C comes, however busy the machine:
+# with the default 5 s, a Ctrl-C the command was slow to see let the fetch time out first (exit 2 instead of 130).
 JWT_POLICY = """
 auth:
   jwt: {{jwks_url: "{jwks}", issuer: "{issuer}", audience: "{audience}", jwks_timeout_s: 60}}
