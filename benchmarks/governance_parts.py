@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             for round_ in range(args.rounds):
                 for name in names if round_ % 2 == 0 else names[::-1]:
                     process, port, key, table = gateways[name]
-                    rows_before = rows_accounted(scrape(port))
+                    rows_before = rows_accounted(scrape(port)) if table else 0.0
                     before = sum(process_tree_cpu_s(process.pid))
                     spec = LoadSpec(f"http://127.0.0.1:{port}/v1/chat/completions", chat_body(ROUTE, args.stream),
                                     {"Authorization": f"Bearer {key}"}, 32, args.seconds, None, 0.5)

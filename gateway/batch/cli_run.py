@@ -305,33 +305,39 @@ class ResultFile:
 
 
 async def _run(options: RunOptions, key: str, plan: Plan) -> int:
+    loop = asyncio.get_running_loop()
+    running = asyncio.current_task()
+    assert running is not None
+    interrupted = False
+
+    def interrupt_start() -> None:
+        # The start is interrupted as the lines are, through the loop's own handler (the lines install theirs):
+        # with only asyncio's, a Ctrl-C while the start awaited the identity provider's keys was twice not seen in
+        # the test suite.
+        nonlocal interrupted
+        interrupted = True
+        running.cancel()
+
+    loop.add_signal_handler(signal.SIGINT, interrupt_start)
+    try:
+        return await _start_and_run(options, key, plan)
+    except asyncio.CancelledError:
+        if interrupted:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+
+
+async def _start_and_run(options: RunOptions, key: str, plan: Plan) -> int:
     from gateway.api.signin import SIGN_IN
     from gateway.app import create_app
     from gateway.context import GATEWAY
     from gateway.errors import GatewayError
 
-    loop = asyncio.get_running_loop()
-    starting = asyncio.current_task()
-    assert starting is not None
-    interrupted = False
-
-    def interrupt_start() -> None:
-        # The loop's own handler: the interpreter's runs only once the loop wakes for something else, and a start
-        # waiting for the identity provider's keys may not wake for a minute.
-        nonlocal interrupted
-        interrupted = True
-        starting.cancel()
-
-    loop.add_signal_handler(signal.SIGINT, interrupt_start)
-    try:
-        app = create_app(options.policy, run_batches=False)
-        runner = web.AppRunner(app, handle_signals=False)
-        await runner.setup()
-    except asyncio.CancelledError:
-        loop.remove_signal_handler(signal.SIGINT)
-        if interrupted:
-            raise KeyboardInterrupt from None
-        raise
+    app = create_app(options.policy, run_batches=False)
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
     gateway = app[GATEWAY]
     try:
         principal = plan.principal
@@ -341,14 +347,8 @@ async def _run(options: RunOptions, key: str, plan: Plan) -> int:
             except GatewayError as exc:
                 print(f"lockgate batch run: the API key was refused: {exc.message}", file=sys.stderr)
                 return EXIT_USAGE
-            except asyncio.CancelledError:
-                if interrupted:
-                    raise KeyboardInterrupt from None
-                raise
-        loop.remove_signal_handler(signal.SIGINT)
         return await _run_lines(options, plan, principal, gateway)
     finally:
-        loop.remove_signal_handler(signal.SIGINT)
         gateway.stop_deadline = time.monotonic() + gateway.policy.loaded.policy.server.shutdown_timeout_s
         await runner.cleanup()
 
