@@ -318,7 +318,9 @@ class InferenceWriter:
         if stopping and not self._queue and not self._spills and not self._ready and not self._in_flight:
             self._end_process()
             return True, blocked, True
-        return False, blocked, drain_all and not blocked
+        # Drained even when blocked: the partial batch waits in `ready` for an ack, and were the interval to count
+        # from an earlier pass, every ack would drain again and send the few records queued since as a batch.
+        return False, blocked, drain_all
 
     def _encode(self, drain_all: bool) -> None:
         """Spilled records, then full batches of queued ones (and the last partial one when drain_all), as batches."""

@@ -1,3 +1,4 @@
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -6,7 +7,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from gateway.inference import InferenceWriter
 from gateway.inference.rows import TRUNCATION_MARKER
-from tests.inference.clickhouse_switch import SwitchableClickHouse
+from tests.inference.clickhouse_switch import SlowClickHouse, SwitchableClickHouse
 from tests.inference.records import count_rows, make_record, rollup_requests
 
 
@@ -66,6 +67,30 @@ def test_outage_spools_then_replays_every_record_once(make_writer, chdb_dsn: str
     assert rollup_requests(writer) == total
     assert writer.spool.rows == 0 and writer.spool.bytes == 0
     assert sample(writer, "rows_written_total") == total
+
+
+def test_a_writer_behind_on_its_inserts_still_sends_full_batches(make_writer, chdb_dsn: str, tmp_path: Path) -> None:
+    """ClickHouse slower than the traffic: batches wait for the window. The records that arrive meanwhile go out as
+    full batches or once an interval, never as a batch for each ack (each insert costs the embedded engine ~40 ms of
+    CPU whatever its size: a batch an ack is what once made the writer take a core)."""
+    clickhouse_server = SlowClickHouse(chdb_dsn, tmp_path / "inserts", delay_s=0.25)
+    writer = make_writer(connect_client=clickhouse_server, batch_rows=100, flush_interval_ms=1_000)
+    writer.start()
+    for _ in range(2_000):
+        writer.submit(make_record())
+    trickled, until = 0, time.monotonic() + 4
+    while time.monotonic() < until:
+        writer.submit(make_record())
+        trickled += 1
+        time.sleep(0.01)
+    assert writer.flush(timeout=60)
+
+    sizes = clickhouse_server.insert_rows()
+    assert sum(sizes) == 2_000 + trickled
+    assert count_rows(writer) == (2_000 + trickled, 2_000 + trickled)
+    # Four seconds of trickle at a 1 s interval: a partial batch a second, one for the flush, one for timing's sake.
+    partial = [size for size in sizes if size < 100]
+    assert len(partial) <= 6, sizes
 
 
 def test_full_queue_spills_to_spool_without_dropping(make_writer, refused_dsn: str) -> None:
