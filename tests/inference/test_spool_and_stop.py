@@ -7,16 +7,15 @@ import stat
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from clickhouse_connect.driver.client import Client
 
 import gateway.inference.spool
-from gateway.inference import InferenceWriter, connect
+from gateway.inference import InferenceWriter
 from gateway.inference.spool import Spool
+from tests.inference.clickhouse_switch import SlowClickHouse
 from tests.inference.records import count_rows, make_record
 
 
@@ -151,32 +150,12 @@ def test_a_clean_stop_names_no_leftovers(make_writer, caplog: pytest.LogCaptureF
     assert not [record for record in caplog.records if "rows" in record.getMessage()]
 
 
-@dataclass
-class HangingClickHouse:
-    """Answers everything but inserts into the inference table, which never return: a ClickHouse stuck mid-insert."""
-
-    dsn: str
-
-    def __call__(self) -> Client:
-        return _Hanging(connect(self.dsn))
-
-
-class _Hanging:
-    def __init__(self, client: Client) -> None:
-        self._client = client
-
-    def insert(self, table: str, *args: Any, **kwargs: Any) -> Any:
-        if table.endswith(".inference"):
-            time.sleep(3600)
-        return self._client.insert(table, *args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._client, name)
-
-
-def test_the_stop_deadline_covers_the_flush(make_writer, chdb_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+def test_the_stop_deadline_covers_the_flush(make_writer, chdb_dsn: str, tmp_path: Path,
+                                          caplog: pytest.LogCaptureFixture) -> None:
     """ClickHouse hangs: at the deadline the process is killed and every row is in the spool, named in the log."""
-    writer = make_writer(connect_client=HangingClickHouse(chdb_dsn), flush_interval_ms=60_000)
+    # An insert into the inference table that never returns: a ClickHouse stuck mid-insert.
+    stuck = SlowClickHouse(chdb_dsn, tmp_path / "inserts", delay_s=3600)
+    writer = make_writer(connect_client=stuck, flush_interval_ms=60_000)
     writer.start()
     for _ in range(25):
         writer.submit(make_record())
