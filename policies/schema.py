@@ -395,7 +395,7 @@ class InferenceTableConfig(Strict):
     max_payload_bytes: int = Field(65_536, ge=0)
     payload_ttl_days: int = Field(30, ge=1)
     # An insert costs the embedded engine ~40 ms of CPU whatever its size (~8 µs a row on top): few large ones.
-    batch_rows: int = Field(5_000, ge=1)
+    batch_rows: int = Field(20_000, ge=1)
     flush_interval_ms: int = Field(5_000, ge=10)
     queue_max: int = Field(100_000, ge=1)
     queue_max_bytes: int = Field(

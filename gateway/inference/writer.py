@@ -33,6 +33,7 @@ from gateway.inference.metrics import Mishaps, WriterMetrics
 from gateway.inference.process import WriterProcess
 from gateway.inference.shared import SOCKET_ENV
 from gateway.inference.spool import Spool
+from gateway.inference.wire import FRAME_ROWS, encode_frame
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client
@@ -89,7 +90,7 @@ class InferenceWriter:
         log_payloads: bool = True,
         max_payload_bytes: int = 65_536,
         payload_ttl_days: int = 30,
-        batch_rows: int = 5_000,
+        batch_rows: int = 20_000,
         flush_interval_ms: int = 5_000,
         queue_max: int = 100_000,
         queue_max_bytes: int = QUEUE_MAX_BYTES,
@@ -116,6 +117,11 @@ class InferenceWriter:
         self.metrics.spool_bytes.set_function(lambda: self.spool.bytes)
         self.metrics.spool_rows.set_function(lambda: self.spool.rows)
         self._queue: deque[dict[str, Any]] = deque()
+        # Frames of the batch being formed: records are encoded a frame at a time as they arrive, while still in the
+        # CPU's caches, and wait for their batch as bytes, which the cyclic collector never walks.
+        self._forming: list[bytes] = []
+        self._forming_rows = 0
+        self._wake_every = min(FRAME_ROWS, batch_rows)
         self._spills: deque[deque[dict[str, Any]]] = deque()
         self._submit_lock = threading.Lock()
         self._submitted = 0
@@ -154,8 +160,9 @@ class InferenceWriter:
 
     @property
     def queue_bytes(self) -> int:
-        """Bytes of encoded batches in memory, waiting or in flight (records not yet encoded count in queue_depth)."""
-        return self._holding.bytes()
+        """Bytes of encoded records in memory: batches waiting or in flight, and the frames of the one being formed
+        (records not yet encoded count in queue_depth)."""
+        return self._holding.bytes() + sum(len(frame) for frame in list(self._forming))
 
     @property
     def connected(self) -> bool:
@@ -184,7 +191,7 @@ class InferenceWriter:
             if depth >= self._queue_max:
                 self._queue = deque()
                 self._spills.append(pending)
-        if depth % self._batch_rows == 0 or depth >= self._queue_max:
+        if depth % self._wake_every == 0 or depth >= self._queue_max:
             self._wake.set()
 
     def flush(self, timeout: float = 30.0) -> bool:
@@ -253,7 +260,8 @@ class InferenceWriter:
 
     def _report_leftovers(self) -> None:
         with self._submit_lock, self._lock:
-            in_memory = len(self._queue) + sum(len(spill) for spill in self._spills) + self._holding.totals()[0]
+            in_memory = (len(self._queue) + self._forming_rows + sum(len(spill) for spill in self._spills)
+                         + self._holding.totals()[0])
         if in_memory:
             self.metrics.rows_dropped.labels("shutdown").inc(in_memory)
             log.error("inference writer stopped with %d rows still in memory (neither ClickHouse nor the spool %s "
@@ -315,7 +323,8 @@ class InferenceWriter:
         self._holding.bound(give_up=stopping and time.monotonic() >= self._deadline)
         blocked = bool(self._ready)
         self._advance_flushes()
-        if stopping and not self._queue and not self._spills and not self._ready and not self._in_flight:
+        if (stopping and not self._queue and not self._forming and not self._spills and not self._ready
+                and not self._in_flight):
             self._end_process()
             return True, blocked, True
         # Drained even when blocked: the partial batch waits in `ready` for an ack, and were the interval to count
@@ -323,31 +332,62 @@ class InferenceWriter:
         return False, blocked, drain_all
 
     def _encode(self, drain_all: bool) -> None:
-        """Spilled records, then full batches of queued ones (and the last partial one when drain_all), as batches."""
+        """Spilled records as whole batches; queued ones a frame at a time into the batch being formed, which is
+        ready once it holds batch_rows (and, when drain_all, with whatever it holds)."""
         while True:
             with self._submit_lock:
-                if self._spills:
+                spilled = bool(self._spills)
+                if spilled:
                     pending = self._spills[0]
-                elif len(self._queue) >= self._batch_rows or (drain_all and self._queue):
-                    pending = self._queue
+                    take = self._batch_rows
                 else:
-                    return
-                records = [pending.popleft() for _ in range(min(self._batch_rows, len(pending)))]
-                if self._spills and not self._spills[0]:
+                    pending = self._queue
+                    take = min(FRAME_ROWS, self._batch_rows - self._forming_rows)
+                    if len(pending) < take and not (drain_all and pending):
+                        break
+                records = [pending.popleft() for _ in range(min(take, len(pending)))]
+                if spilled and not pending:
                     self._spills.popleft()
             if not records:
                 continue
-            try:
-                batch = Batch.encode(records, self._mishaps.unencodable)
-            except Exception as error:
-                # Only a bug gets here (encoding alters what it cannot write): the batch is counted, the rest goes on.
-                self._mishaps.error("feeder", error)
-                self.metrics.rows_dropped.labels("encoding_failed").inc(len(records))
-                with self._lock:
-                    self._holding.taken += len(records)
+            if spilled:
+                self._encode_batch(records)
                 continue
-            with self._lock:
-                self._ready.append(batch)
+            try:
+                frame = encode_frame(records, self._mishaps.unencodable)
+            except Exception as error:
+                self._encoding_failed(error, len(records))
+            else:
+                self._forming.append(frame)
+                self._forming_rows += len(records)
+            if self._forming_rows >= self._batch_rows:
+                self._batch_formed()
+            # Hands the GIL to the event loop between frames, should it be waiting for it.
+            time.sleep(0)
+        if drain_all and self._forming:
+            self._batch_formed()
+
+    def _batch_formed(self) -> None:
+        batch = Batch(self._forming, self._forming_rows)
+        self._forming, self._forming_rows = [], 0
+        with self._lock:
+            self._ready.append(batch)
+
+    def _encode_batch(self, records: list[dict[str, Any]]) -> None:
+        try:
+            batch = Batch.encode(records, self._mishaps.unencodable)
+        except Exception as error:
+            self._encoding_failed(error, len(records))
+            return
+        with self._lock:
+            self._ready.append(batch)
+
+    def _encoding_failed(self, error: Exception, rows: int) -> None:
+        # Only a bug gets here (encoding alters what it cannot write): the records are counted, the rest goes on.
+        self._mishaps.error("feeder", error)
+        self.metrics.rows_dropped.labels("encoding_failed").inc(rows)
+        with self._lock:
+            self._holding.taken += rows
 
     def _send_ready(self) -> None:
         """Encoded batches, oldest first, to the process while its window has room; to the spool without one."""

@@ -93,6 +93,27 @@ def test_a_writer_behind_on_its_inserts_still_sends_full_batches(make_writer, ch
     assert len(partial) <= 6, sizes
 
 
+def test_records_wait_for_their_batch_encoded(make_writer, chdb_dsn: str, tmp_path: Path) -> None:
+    """Records are encoded a frame at a time as they arrive, not when their batch is full: a batch's worth waits as
+    bytes (fewer of them, and nothing the cyclic collector walks), and still goes out as one insert."""
+    clickhouse_server = SlowClickHouse(chdb_dsn, tmp_path / "inserts", delay_s=0.0)
+    writer = make_writer(connect_client=clickhouse_server, batch_rows=1_000, flush_interval_ms=60_000)
+    writer.start()
+    for _ in range(640):
+        writer.submit(make_record())
+    deadline = time.monotonic() + 30
+    while writer.queue_depth and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert writer.queue_depth == 0
+    assert writer.queue_bytes > 640 * 200
+    assert sample(writer, "rows_written_total") in (None, 0)
+    assert writer.flush(timeout=60)
+
+    assert clickhouse_server.insert_rows() == [640]
+    assert count_rows(writer) == (640, 640)
+    assert writer.queue_bytes == 0
+
+
 def test_full_queue_spills_to_spool_without_dropping(make_writer, refused_dsn: str) -> None:
     writer = make_writer(refused_dsn, queue_max=100, batch_rows=1_000, flush_interval_ms=60_000)
     for _ in range(450):
