@@ -2,8 +2,9 @@
 
 ClickHouse work (row encoding, inserts, migrations, spool replay) runs in a separate process (`child.py`), so a
 slow or absent ClickHouse, or the chdb engine's own CPU time, never holds this process's GIL. Here, `submit()`
-appends to a deque; a feeder thread serializes batches in small frames (one short orjson call each) and sends them
-down a pipe; a receiver thread per writer process reads its acks. A batch stays in memory until acked, and goes to
+appends to a deque (`pending.py`); a feeder thread encodes the records in small frames as they arrive (one short
+orjson call each), gathers the frames into batches and sends those down a pipe; a receiver thread per writer
+process reads its acks. A batch stays in memory until acked, and goes to
 the spool when the process refuses it, dies, or hangs, so nothing is lost and a replay carries the same records
 (and so the same dedup token) as the first try. Encoded batches held in memory are bounded in rows and bytes:
 past either bound the oldest go to the spool, and only when the spool refuses them too are they dropped (counted).
@@ -19,7 +20,6 @@ import math
 import os
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +30,10 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from gateway.inference.child import BATCH, BATCH_HEADER, FLUSH, GOODBYE, QUERY, REQUEST_ID, ChildOptions
 from gateway.inference.holding import Batch, Holding
 from gateway.inference.metrics import Mishaps, WriterMetrics
+from gateway.inference.pending import PendingRecords
 from gateway.inference.process import WriterProcess
 from gateway.inference.shared import SOCKET_ENV
 from gateway.inference.spool import Spool
-from gateway.inference.wire import FRAME_ROWS, encode_frame
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client
@@ -101,10 +101,7 @@ class InferenceWriter:
     ) -> None:
         self.dsn = dsn
         self.database = database
-        self._batch_rows = batch_rows
         self._interval_s = flush_interval_ms / 1000.0
-        self._queue_max = queue_max
-        self._queue_max_bytes = queue_max_bytes
         self._options = ChildOptions(dsn, database, log_payloads, max_payload_bytes, payload_ttl_days,
                                      str(spool_dir), self._interval_s, connect_client)
         self._shared_socket = shared_socket
@@ -116,16 +113,6 @@ class InferenceWriter:
         self.metrics.queue_bytes.set_function(lambda: self.queue_bytes)
         self.metrics.spool_bytes.set_function(lambda: self.spool.bytes)
         self.metrics.spool_rows.set_function(lambda: self.spool.rows)
-        self._queue: deque[dict[str, Any]] = deque()
-        # Frames of the batch being formed: records are encoded a frame at a time as they arrive and wait for their
-        # batch as bytes (~1.1 KB a record instead of ~1.8 KB and six objects the cyclic collector walks), so a
-        # large batch_rows costs the gateway little memory.
-        self._forming: list[bytes] = []
-        self._forming_rows = 0
-        self._wake_every = min(FRAME_ROWS, batch_rows)
-        self._spills: deque[deque[dict[str, Any]]] = deque()
-        self._submit_lock = threading.Lock()
-        self._submitted = 0
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._deadline = math.inf
@@ -134,6 +121,7 @@ class InferenceWriter:
         self._lock = threading.Lock()
         self._process: WriterProcess | None = None
         self._holding = Holding(self._lock, self.spool, self.metrics, queue_max, queue_max_bytes)
+        self._pending = PendingRecords(batch_rows, queue_max, self._holding, self._mishaps)
         self._ready = self._holding.ready
         self._in_flight = self._holding.in_flight
         self._flushes: list[_Flush] = []
@@ -157,13 +145,13 @@ class InferenceWriter:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._queue)
+        return self._pending.depth
 
     @property
     def queue_bytes(self) -> int:
         """Bytes of encoded records in memory: batches waiting or in flight, and the frames of the one being formed
         (records not yet encoded count in queue_depth)."""
-        return self._holding.bytes() + sum(len(frame) for frame in list(self._forming))
+        return self._holding.bytes() + self._pending.forming_bytes
 
     @property
     def connected(self) -> bool:
@@ -184,20 +172,12 @@ class InferenceWriter:
 
     def submit(self, record: dict[str, Any]) -> None:
         """Queue one record; never blocks on I/O. A full queue is handed whole to the feeder to spool."""
-        with self._submit_lock:
-            pending = self._queue
-            pending.append(record)
-            self._submitted += 1
-            depth = len(pending)
-            if depth >= self._queue_max:
-                self._queue = deque()
-                self._spills.append(pending)
-        if depth % self._wake_every == 0 or depth >= self._queue_max:
+        if self._pending.submit(record):
             self._wake.set()
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every record submitted so far is in ClickHouse or the spool; also retries the spool now."""
-        request = _Flush(self._submitted)
+        request = _Flush(self._pending.submitted)
         with self._lock:
             self._flushes.append(request)
             self._restart_at = 0.0
@@ -243,7 +223,7 @@ class InferenceWriter:
         self._wake.set()
         feeder = self._feeder
         if feeder is None:
-            self._encode(drain_all=True)
+            self._pending.encode(drain_all=True)
             self._holding.bound(give_up=True)
             clean = True
         else:
@@ -260,9 +240,7 @@ class InferenceWriter:
         return clean and (feeder is None or not feeder.is_alive())
 
     def _report_leftovers(self) -> None:
-        with self._submit_lock, self._lock:
-            in_memory = (len(self._queue) + self._forming_rows + sum(len(spill) for spill in self._spills)
-                         + self._holding.totals()[0])
+        in_memory = self._pending.rows() + self._holding.rows()
         if in_memory:
             self.metrics.rows_dropped.labels("shutdown").inc(in_memory)
             log.error("inference writer stopped with %d rows still in memory (neither ClickHouse nor the spool %s "
@@ -319,76 +297,17 @@ class InferenceWriter:
         if self._process is None and not stopping and time.monotonic() >= self._restart_at:
             self._spawn()
         drain_all = stopping or bool(self._flushes) or time.monotonic() >= last_flush + self._interval_s
-        self._encode(drain_all)
+        self._pending.encode(drain_all)
         self._send_ready()
         self._holding.bound(give_up=stopping and time.monotonic() >= self._deadline)
         blocked = bool(self._ready)
         self._advance_flushes()
-        if (stopping and not self._queue and not self._forming and not self._spills and not self._ready
-                and not self._in_flight):
+        if stopping and not self._pending.rows() and not self._ready and not self._in_flight:
             self._end_process()
             return True, blocked, True
         # Drained even when blocked: the partial batch waits in `ready` for an ack, and were the interval to count
         # from an earlier pass, every ack would drain again and send the few records queued since as a batch.
         return False, blocked, drain_all
-
-    def _encode(self, drain_all: bool) -> None:
-        """Spilled records as whole batches; queued ones a frame at a time into the batch being formed, which is
-        ready once it holds batch_rows (and, when drain_all, with whatever it holds)."""
-        while True:
-            with self._submit_lock:
-                spilled = bool(self._spills)
-                if spilled:
-                    pending = self._spills[0]
-                    take = self._batch_rows
-                else:
-                    pending = self._queue
-                    take = min(FRAME_ROWS, self._batch_rows - self._forming_rows)
-                    if len(pending) < take and not (drain_all and pending):
-                        break
-                records = [pending.popleft() for _ in range(min(take, len(pending)))]
-                if spilled and not pending:
-                    self._spills.popleft()
-            if not records:
-                continue
-            if spilled:
-                self._encode_batch(records)
-                continue
-            try:
-                frame = encode_frame(records, self._mishaps.unencodable)
-            except Exception as error:
-                self._encoding_failed(error, len(records))
-            else:
-                self._forming.append(frame)
-                self._forming_rows += len(records)
-            if self._forming_rows >= self._batch_rows:
-                self._batch_formed()
-            # Hands the GIL to the event loop between frames, should it be waiting for it.
-            time.sleep(0)
-        if drain_all and self._forming:
-            self._batch_formed()
-
-    def _batch_formed(self) -> None:
-        batch = Batch(self._forming, self._forming_rows)
-        self._forming, self._forming_rows = [], 0
-        with self._lock:
-            self._ready.append(batch)
-
-    def _encode_batch(self, records: list[dict[str, Any]]) -> None:
-        try:
-            batch = Batch.encode(records, self._mishaps.unencodable)
-        except Exception as error:
-            self._encoding_failed(error, len(records))
-            return
-        with self._lock:
-            self._ready.append(batch)
-
-    def _encoding_failed(self, error: Exception, rows: int) -> None:
-        # Only a bug gets here (encoding alters what it cannot write): the records are counted, the rest goes on.
-        self._mishaps.error("feeder", error)
-        self.metrics.rows_dropped.labels("encoding_failed").inc(rows)
-        with self._lock:
-            self._holding.taken += rows
 
     def _send_ready(self) -> None:
         """Encoded batches, oldest first, to the process while its window has room; to the spool without one."""

@@ -7,7 +7,7 @@ import orjson
 import pytest
 
 import gateway.inference.holding
-import gateway.inference.writer
+import gateway.inference.pending
 from gateway.inference import InferenceWriter
 from gateway.inference.wire import encode_frame
 from tests.inference.records import count_rows, make_record
@@ -96,9 +96,9 @@ def test_feeder_survives_an_exception_inside_encoding(make_writer, monkeypatch: 
             raise RuntimeError("a bug in encoding")
         return real_encode(records, on_unencodable)
 
-    # Queued records are encoded a frame at a time by the writer, spilled ones a batch at a time by holding.
+    # Queued records are encoded a frame at a time by pending, spilled ones a batch at a time by holding.
     monkeypatch.setattr(gateway.inference.holding, "encode_frame", encode_or_fail)
-    monkeypatch.setattr(gateway.inference.writer, "encode_frame", encode_or_fail)
+    monkeypatch.setattr(gateway.inference.pending, "encode_frame", encode_or_fail)
     writer = make_writer(batch_rows=1)
     writer.start()
     for _ in range(3):
