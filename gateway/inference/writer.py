@@ -4,10 +4,10 @@ ClickHouse work (row encoding, inserts, migrations, spool replay) runs in a sepa
 slow or absent ClickHouse, or the chdb engine's own CPU time, never holds this process's GIL. Here, `submit()`
 appends to a deque (`pending.py`); a feeder thread encodes the records in small frames as they arrive (one short
 orjson call each), gathers the frames into batches and sends those down a pipe; a receiver thread per writer
-process reads its acks. A batch stays in memory until acked, and goes to
-the spool when the process refuses it, dies, or hangs, so nothing is lost and a replay carries the same records
-(and so the same dedup token) as the first try. Encoded batches held in memory are bounded in rows and bytes:
-past either bound the oldest go to the spool, and only when the spool refuses them too are they dropped (counted).
+process reads its acks. A batch stays in memory until acked, and goes to the spool when the process refuses it,
+dies, or hangs, so nothing is lost and a replay carries the same records (and so the same dedup token) as the first
+try. Encoded batches held in memory are bounded in rows and bytes: past either bound the oldest go to the spool,
+and only when the spool refuses them too are they dropped (counted).
 Under a supervisor with a chdb DSN, the writer process is the supervisor's, shared by every worker: a worker then
 connects to it (`LOCKGATE_INFERENCE_SOCKET`) instead of starting one, and reconnects when the connection ends.
 """
