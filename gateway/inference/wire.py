@@ -158,13 +158,6 @@ def _encode_any(record: Any, on_unencodable: OnUnencodable | None) -> bytes:
                        "request_payload": PAYLOAD_MARKER.format(reason=UNSERIALIZABLE[1])})
 
 
-def _encode_array(records: Sequence[Any], on_unencodable: OnUnencodable | None) -> bytes:
-    try:
-        return _dumps(records)
-    except Exception:
-        return b"[" + b",".join(_encode_any(record, on_unencodable) for record in records) + b"]"
-
-
 def payload_json(payload: Any) -> bytes | memoryview | None:
     """The text a payload is stored as, as UTF-8: bytes as they are, text encoded, a dict or list as JSON.
 
@@ -194,32 +187,45 @@ def payload_json(payload: Any) -> bytes | memoryview | None:
     return None
 
 
+# One record as a frame holds it: its JSON (without the payloads that travel apart) and those payloads' text.
+Piece = tuple[bytes, bytes | memoryview | None, bytes | memoryview | None]
+
+
+def record_piece(record: Any, on_unencodable: OnUnencodable | None = None) -> Piece:
+    """A record encoded for a frame; never raises for a record. Its JSON is what it would be inside the frame's array."""
+    if type(record) is not dict:
+        return _encode_any(record, on_unencodable), None, None
+    meta = record
+    texts: list[bytes | memoryview | None] = []
+    for name in PAYLOADS:
+        payload = record.get(name)
+        text = None if payload is None else payload_json(payload)
+        if text is not None:
+            if meta is record:
+                meta = record.copy()
+            meta[name] = None
+        texts.append(text)
+    return _encode_any(meta, on_unencodable), texts[0], texts[1]
+
+
+def frame_of(pieces: Sequence[Piece]) -> bytes:
+    """One frame of encoded records: their payloads apart (format 2) when any has one, else the plain array."""
+    array = b"[" + b",".join([piece[0] for piece in pieces]) + b"]"
+    payloads = [text for piece in pieces for text in piece[1:] if text is not None]
+    if not payloads:
+        return array
+    lengths = [-1 if text is None else len(text) for piece in pieces for text in piece[1:]]
+    return b"".join((_SPLIT_HEAD.pack(SPLIT_FRAME, len(array)), array, struct.pack(f"<{len(lengths)}q", *lengths),
+                     *payloads))
+
+
+def piece_bytes(piece: Piece) -> int:
+    return len(piece[0]) + sum(len(text) for text in piece[1:] if text is not None)
+
+
 def encode_frame(records: Sequence[Any], on_unencodable: OnUnencodable | None = None) -> bytes:
     """One frame; its payloads apart (format 2) when any can be, else the plain array. Never raises for a record."""
-    metas = list(records)
-    lengths: list[int] = []
-    payloads: list[bytes | memoryview] = []
-    for index, record in enumerate(metas):
-        if type(record) is not dict:
-            lengths += (-1, -1)
-            continue
-        meta = None
-        for name in PAYLOADS:
-            payload = record.get(name)
-            text = None if payload is None else payload_json(payload)
-            if text is None:
-                lengths.append(-1)
-                continue
-            if meta is None:
-                meta = metas[index] = record.copy()
-            meta[name] = None
-            lengths.append(len(text))
-            payloads.append(text)
-    if not payloads:
-        return _encode_array(records, on_unencodable)
-    array = _encode_array(metas, on_unencodable)
-    return b"".join((_SPLIT_HEAD.pack(SPLIT_FRAME, len(array)), array,
-                     struct.pack(f"<{len(lengths)}q", *lengths), *payloads))
+    return frame_of([record_piece(record, on_unencodable) for record in records])
 
 
 def _split_records(frame: bytes) -> list[Any]:
@@ -266,11 +272,16 @@ def decode_frames(frames: Iterable[bytes]) -> list[dict[str, Any]]:
     return records
 
 
+def framed_head(size: int) -> bytes:
+    """The length prefix Connection.send_bytes puts before a message of `size` bytes."""
+    if size > 0x7FFFFFFF:
+        return _LENGTH.pack(-1) + _LONG_LENGTH.pack(size)
+    return _LENGTH.pack(size)
+
+
 def framed(message: bytes) -> bytes:
     """One message as Connection.send_bytes puts it on the wire, for its recv_bytes on the other end."""
-    if len(message) > 0x7FFFFFFF:
-        return _LENGTH.pack(-1) + _LONG_LENGTH.pack(len(message)) + message
-    return _LENGTH.pack(len(message)) + message
+    return framed_head(len(message)) + message
 
 
 class MessageReader:

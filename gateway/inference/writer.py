@@ -169,9 +169,11 @@ class InferenceWriter:
         self._spawn()
         self._feeder = threading.Thread(target=self._feed_loop, name="lockgate-inference-feeder", daemon=True)
         self._feeder.start()
+        self._pending.encode_on_submit = True
 
     def submit(self, record: dict[str, Any]) -> None:
-        """Queue one record; never blocks on I/O. A full queue is handed whole to the feeder to spool."""
+        """Encode (or, before the feeder runs, queue) one record; never blocks on I/O. A full queue is handed whole to
+        the feeder to spool."""
         if self._pending.submit(record):
             self._wake.set()
 

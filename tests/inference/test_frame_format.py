@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from gateway.context import BACKLOG_FULL, UNREADABLE, WITHHELD
 from gateway.inference.rows import COLUMNS, safe_row, to_columns
 from gateway.inference.spool import Spool
-from gateway.inference.wire import SPLIT_FRAME, _encode_array, decode_frames, encode_frame
+from gateway.inference.wire import SPLIT_FRAME, _dumps, _encode_any, decode_frames, encode_frame
 from tests.inference.records import count_rows, make_record
 
 TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)  # non-ASCII, emoji, controls
@@ -29,6 +29,14 @@ ODD_VALUES = st.none() | JSON | st.binary(max_size=8)
 FIELDS = st.sampled_from([name for name in COLUMNS if name not in ("request_id", "payload_truncated")])
 
 
+def format_1_frame(records: list[Any]) -> bytes:
+    """A frame as the gateway wrote them before format 2: the records' array in one call, record by record if not."""
+    try:
+        return _dumps(records)
+    except Exception:
+        return b"[" + b",".join(_encode_any(record, None) for record in records) + b"]"
+
+
 @st.composite
 def records(draw: st.DrawFn) -> dict[str, Any]:
     record = make_record(request_id=draw(TEXT), request_payload=draw(PAYLOADS), response_payload=draw(PAYLOADS))
@@ -41,7 +49,7 @@ def records(draw: st.DrawFn) -> dict[str, Any]:
 
 def rows_as_before(batch: list[dict[str, Any]], log_payloads: bool, max_bytes: int) -> list[str]:
     """Format-1 frames, decoded and typed record by record: what the writer did before format 2."""
-    decoded = decode_frames([_encode_array(batch, None)])
+    decoded = decode_frames([format_1_frame(batch)])
     return [repr(safe_row(record, log_payloads=log_payloads, max_payload_bytes=max_bytes)[0]) for record in decoded]
 
 
@@ -98,7 +106,7 @@ def test_format_1_spool_files_still_replay_and_a_batch_in_both_formats_lands_onc
     writer = make_writer()
     # As earlier versions wrote them: one JSON frame a line, no format line.
     old = writer.spool.directory / "00000000000000000001-1-00000000-100r.jsonl"
-    old.write_bytes(b"".join(_encode_array(batch[start:start + 64], None) + b"\n" for start in (0, 64)))
+    old.write_bytes(b"".join(format_1_frame(batch[start:start + 64]) + b"\n" for start in (0, 64)))
     writer.spool.write(batch)
     writer.start()
     assert writer.flush()

@@ -96,9 +96,18 @@ def test_feeder_survives_an_exception_inside_encoding(make_writer, monkeypatch: 
             raise RuntimeError("a bug in encoding")
         return real_encode(records, on_unencodable)
 
-    # Queued records are encoded a frame at a time by pending, spilled ones a batch at a time by holding.
+    real_piece: Callable[..., Any] = gateway.inference.pending.record_piece
+
+    def piece_or_fail(record: dict[str, Any], on_unencodable: Any = None) -> Any:
+        if record.get("request_id") == "poison":
+            raise RuntimeError("a bug in encoding")
+        return real_piece(record, on_unencodable)
+
+    # Records are encoded one by one as they are submitted, queued ones a frame at a time by pending, spilled ones a
+    # batch at a time by holding.
     monkeypatch.setattr(gateway.inference.holding, "encode_frame", encode_or_fail)
     monkeypatch.setattr(gateway.inference.pending, "encode_frame", encode_or_fail)
+    monkeypatch.setattr(gateway.inference.pending, "record_piece", piece_or_fail)
     writer = make_writer(batch_rows=1)
     writer.start()
     for _ in range(3):

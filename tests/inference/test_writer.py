@@ -1,3 +1,4 @@
+import itertools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -111,6 +112,22 @@ def test_records_wait_for_their_batch_encoded(make_writer, chdb_dsn: str, tmp_pa
 
     assert clickhouse_server.insert_rows() == [640]
     assert count_rows(writer) == (640, 640)
+    assert writer.queue_bytes == 0
+
+
+def test_a_running_writer_encodes_each_record_as_it_is_submitted(make_writer) -> None:
+    """No record waits unencoded for the feeder thread: both need the interpreter's lock, and handing them over cost
+    more than encoding them."""
+    writer = make_writer(batch_rows=1_000, flush_interval_ms=60_000)
+    writer.start()
+    held = []
+    for _ in range(10):
+        writer.submit(make_record())
+        held.append((writer.queue_depth, writer.queue_bytes))
+    assert [depth for depth, _ in held] == [0] * 10
+    assert all(200 < earlier < later for (_, earlier), (_, later) in itertools.pairwise(held))
+    assert writer.flush(timeout=60)
+    assert count_rows(writer) == (10, 10)
     assert writer.queue_bytes == 0
 
 
