@@ -111,6 +111,7 @@ def create_app(policy_path: str | os.PathLike[str], run_batches: bool = True) ->
             await asyncio.wait_for(gateway.drain_masking(), time_left())
         except TimeoutError:
             log.error("%d records were still being masked at the stop deadline and are lost", len(gateway.masking))
+        gateway.submit_waiting()
         gateway.writer = None
         # In a thread: close() waits for the last batch to be written or spooled.
         await asyncio.to_thread(writer.close, time_left())
