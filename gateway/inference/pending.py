@@ -79,42 +79,42 @@ class PendingRecords:
         """Spilled records as whole batches; queued ones a frame at a time into the forming batch, which goes to the
         ready batches once it holds batch_rows (and, when drain_all, with whatever it holds)."""
         while True:
+            formed = None
             with self._lock:
-                spilled = bool(self._spills)
-                if spilled:
-                    pending = self._spills[0]
-                    take = self._batch_rows
+                if self._spills:
+                    spill = self._spills[0]
+                    records = [spill.popleft() for _ in range(min(self._batch_rows, len(spill)))]
+                    if not spill:
+                        self._spills.popleft()
                 else:
-                    pending = self._queue
                     take = min(FRAME_ROWS, self._batch_rows - self._forming_rows)
-                    if len(pending) < take and not (drain_all and pending):
+                    if len(self._queue) < take and not (drain_all and self._queue):
                         break
-                records = [pending.popleft() for _ in range(min(take, len(pending)))]
-                if spilled and not pending:
-                    self._spills.popleft()
-            if not records:
-                continue
-            if spilled:
+                    # Under the lock, so that no record is encoded on submit ahead of these, and the pieces encoded
+                    # on submit never meet a forming batch that grew under them.
+                    formed = self._encode_queued([self._queue.popleft() for _ in range(min(take, len(self._queue)))])
+                    records = []
+            if formed is not None:
+                self._hand_over(formed)
+            if records:
                 self._encode_batch(records)
-                continue
-            try:
-                frame = encode_frame(records, self._mishaps.unencodable)
-            except Exception as error:
-                self._encoding_failed(error, len(records))
-            else:
-                with self._lock:
-                    formed = self._add_frame(frame, len(records))
-                if formed is not None:
-                    self._hand_over(formed)
             # Hands the GIL to the event loop between frames, should it be waiting for it.
             time.sleep(0)
         if drain_all:
             with self._lock:
-                if self._pieces:
-                    self._frame_pieces()
-                formed = self._take_forming() if self._forming else None
-            if formed is not None:
-                self._hand_over(formed)
+                batches = [self._frame_pieces() if self._pieces else None, self._take_forming() if self._forming else None]
+            for batch in batches:
+                if batch is not None:
+                    self._hand_over(batch)
+
+    def _encode_queued(self, records: list[dict[str, Any]]) -> Batch | None:
+        """Under the lock: a frame of queued records into the forming batch; the batch when that completes it."""
+        try:
+            frame = encode_frame(records, self._mishaps.unencodable)
+        except Exception as error:
+            self._encoding_failed(error, len(records))
+            return None
+        return self._add_frame(frame, len(records))
 
     def _encode_one(self, record: dict[str, Any]) -> Batch | None:
         """Under the lock: the record into the forming batch; the batch when that completes it."""

@@ -25,6 +25,12 @@ from typing import Any
 from gateway.inference.wire import framed_head
 
 log = logging.getLogger(__name__)
+
+WATCH_S = 1.0
+REAP_S = 10.0
+CONNECT_S = 5.0
+PEER_CREDENTIALS = struct.Struct("3i")
+ENTRY = "import sys; from gateway.inference.child import main; main(int(sys.argv[1]))"
 # Linux takes at most this many buffers in one writev.
 MAX_IOV = 1024
 
@@ -42,12 +48,6 @@ def write_all(fd: int, pieces: list[bytes | memoryview]) -> None:
                 break
             sent -= len(piece)
             start += 1
-
-WATCH_S = 1.0
-REAP_S = 10.0
-CONNECT_S = 5.0
-PEER_CREDENTIALS = struct.Struct("3i")
-ENTRY = "import sys; from gateway.inference.child import main; main(int(sys.argv[1]))"
 
 
 class WriterProcess:

@@ -131,6 +131,25 @@ def test_a_running_writer_encodes_each_record_as_it_is_submitted(make_writer) ->
     assert writer.queue_bytes == 0
 
 
+def test_records_queued_before_start_and_those_after_land_once_in_batches_of_batch_rows(
+        make_writer, chdb_dsn: str, tmp_path: Path) -> None:
+    """The feeder encodes the records that waited for it while new ones are encoded as they are submitted."""
+    clickhouse_server = SlowClickHouse(chdb_dsn, tmp_path / "inserts", delay_s=0.0)
+    writer = make_writer(connect_client=clickhouse_server, batch_rows=100, flush_interval_ms=60_000)
+    for _ in range(170):
+        writer.submit(make_record())
+    assert writer.queue_depth == 170
+    writer.start()
+    for _ in range(330):
+        writer.submit(make_record())
+    assert writer.flush(timeout=60)
+
+    assert count_rows(writer) == (500, 500)
+    inserts = clickhouse_server.insert_rows()
+    assert sum(inserts) == 500 and max(inserts) <= 100
+    assert writer.queue_depth == 0 and writer.queue_bytes == 0
+
+
 def test_full_queue_spills_to_spool_without_dropping(make_writer, refused_dsn: str) -> None:
     writer = make_writer(refused_dsn, queue_max=100, batch_rows=1_000, flush_interval_ms=60_000)
     for _ in range(450):
