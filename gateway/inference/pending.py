@@ -156,8 +156,7 @@ class PendingRecords:
         except Exception as error:
             self._encoding_failed(error, len(records))
             return
-        with self._holding.lock:
-            self._holding.ready.append(batch)
+        self._hand_over(batch)
 
     def _encoding_failed(self, error: Exception, rows: int) -> None:
         # Only a bug gets here (encoding alters what it cannot write): the records are counted, the rest goes on.

@@ -1,13 +1,13 @@
 """The gateway's side of the inference-table writer: records in, batches out to the writer process or the spool.
 
-ClickHouse work (row encoding, inserts, migrations, spool replay) runs in a separate process (`child.py`), so a
-slow or absent ClickHouse, or the chdb engine's own CPU time, never holds this process's GIL. Here, `submit()`
-appends to a deque (`pending.py`); a feeder thread encodes the records in small frames as they arrive (one short
-orjson call each), gathers the frames into batches and sends those down a pipe; a receiver thread per writer
-process reads its acks. A batch stays in memory until acked, and goes to the spool when the process refuses it,
-dies, or hangs, so nothing is lost and a replay carries the same records (and so the same dedup token) as the first
-try. Encoded batches held in memory are bounded in rows and bytes: past either bound the oldest go to the spool,
-and only when the spool refuses them too are they dropped (counted).
+ClickHouse work (row encoding, inserts, migrations, spool replay) runs in a separate process (`child.py`), so a slow
+or absent ClickHouse, or the chdb engine's own CPU time, never holds this process's GIL. Here, `submit()` encodes
+the record on the caller's thread and gathers it into frames of 64 and batches (`pending.py`; records submitted
+before the feeder runs wait unencoded, and the feeder encodes them); the feeder thread sends the batches down a
+pipe; a receiver thread per writer process reads its acks. A batch stays in memory until acked, and goes to the
+spool when the process refuses it, dies, or hangs, so nothing is lost and a replay carries the same records (and so
+the same dedup token) as the first try. Encoded batches held in memory are bounded in rows and bytes: past either
+bound the oldest go to the spool, and only when the spool refuses them too are they dropped (counted).
 Under a supervisor with a chdb DSN, the writer process is the supervisor's, shared by every worker: a worker then
 connects to it (`LOCKGATE_INFERENCE_SOCKET`) instead of starting one, and reconnects when the connection ends.
 """
