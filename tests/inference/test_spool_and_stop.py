@@ -95,9 +95,11 @@ def test_memory_is_bounded_in_bytes_when_the_spool_refuses(make_writer, refused_
     total = 200
     for _ in range(total):
         writer.submit(make_record(request_payload="x" * 10_000))
-    assert wait_for(lambda: writer.queue_depth == 0 and sample(writer, "rows_dropped_total", reason="memory_full") > 0)
-    # At most the bound, give or take one batch (~107 KB here).
-    assert writer.queue_bytes <= bound + 120_000
+    # Records are encoded as they are submitted and the feeder bounds memory on its next pass, so the burst may
+    # overshoot until then; what must hold is that memory then settles at the bound, give or take one batch
+    # (~107 KB here), by dropping what the spool refuses.
+    assert wait_for(lambda: writer.queue_depth == 0 and sample(writer, "rows_dropped_total", reason="memory_full") > 0
+                    and writer.queue_bytes <= bound + 120_000)
     dropped = sample(writer, "rows_dropped_total", reason="memory_full")
 
     monkeypatch.undo()
