@@ -1,7 +1,8 @@
 """Full governance next to the RBAC-only gateway and the bare upstream: CPU, tail latency, memory, start-up, scaling.
 
-One mock upstream and one throw-away redis-server serve the whole run. Each round starts, measures and stops every
-variant in turn (the order reversed every other round, so drift hits all of them): straight at the mock (direct),
+One mock upstream and one throw-away redis-server serve the whole run. Each round starts every variant one after the
+other (start-up and idle RSS are measured then), runs each phase on all of them in turn, and stops them (the order
+reversed every other round, so drift hits all of them): straight at the mock (direct),
 RBAC only, full governance with limits in memory, the same with limits in Redis, the Redis one with the inference
 table at a ClickHouse server DSN that is down (the writer spools); that last one and the chdb one again with
 `--workers 2`. Each load phase runs in a fresh load-generator process. Prints a table (median [min-max] over rounds),
@@ -28,7 +29,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
@@ -46,6 +47,7 @@ RSS_SAMPLE_S = 0.05
 START_POLL_S = 0.02
 SETTLE_TIMEOUT_S = 15.0
 ROWS = ("lockgate_inference_rows_written_total", "lockgate_inference_rows_spooled_total")
+PHASES = ("json_1", "json_n", "stream_n")
 LAG_MAX, LAG_HISTOGRAM = "lockgate_event_loop_lag_max_seconds", "lockgate_event_loop_lag_seconds"
 
 
@@ -55,7 +57,7 @@ class Variant:
     label: str
     policy: PolicyBuilder | None  # None: straight at the mock upstream
     workers: int = 1
-    phases: tuple[str, ...] = ("json_1", "json_n", "stream_n")
+    phases: tuple[str, ...] = PHASES
     settle: str = ""  # "rows": after each phase, wait until the writers accounted for every request
     full: bool = False
 
@@ -291,22 +293,24 @@ def run_phase(target: Target, phase: str, pids: dict[str, int], settings: argpar
             "loop_lag_max_ms": None if lag_max is None else lag_max * 1000, "loop_lag_over_5ms": lag_over_5ms(before, after)}
 
 
-def measure(target: Target, start_s: float | None, pids: dict[str, int], settings: argparse.Namespace,
-            ready_s: float | None = None) -> dict:
-    figures: dict = {"start_s": start_s, "ready_s": ready_s, "idle_rss_mb": settled_rss_mb(target.root)}
-    figures["phases"] = {phase: run_phase(target, phase, pids, settings) for phase in target.variant.phases}
-    figures["hwm_sum_mb"] = tree_memory_mb(tree_pids(target.root), "VmHWM")
-    figures["table"] = {label: read(figures) for label, (_, read) in FIGURES.items()}
-    return figures
+@dataclass
+class Running:
+    """A started variant: where to send its load, the processes whose CPU a phase counts, and its figures so far."""
+    target: Target
+    pids: dict[str, int]
+    figures: dict
 
 
-def run_variant(variant: Variant, mock: tuple[int, int], redis: tuple[str, int], log_dir: Path,
-                settings: argparse.Namespace) -> dict:
+@contextlib.contextmanager
+def started(variant: Variant, mock: tuple[int, int], redis: tuple[str, int], log_dir: Path) -> Iterator[Running]:
+    """Starts the variant's gateway (measuring start-up and idle RSS) and stops it on leaving; direct starts nothing."""
     (mock_pid, mock_port), (redis_url, redis_pid) = mock, redis
     if variant.policy is None:
         target = Target(variant, mock_pid, f"http://127.0.0.1:{mock_port}/v1/chat/completions",
                         {"Authorization": "Bearer sk-mock"}, None)
-        return measure(target, None, {"target": mock_pid, "redis": redis_pid, "mock": mock_pid}, settings)
+        yield Running(target, {"target": mock_pid, "redis": redis_pid, "mock": mock_pid},
+                      {"start_s": None, "ready_s": None, "idle_rss_mb": settled_rss_mb(mock_pid), "phases": {}})
+        return
     key = "lg-bench-" + secrets.token_urlsafe(16)
     with tempfile.TemporaryDirectory(prefix=f"lockgate-{variant.name}-") as name, \
             open(log_dir / f"governance-{variant.name}.log", "ab") as log:
@@ -315,14 +319,38 @@ def run_variant(variant: Variant, mock: tuple[int, int], redis: tuple[str, int],
         policy.write_text(json.dumps(variant.policy(f"http://127.0.0.1:{mock_port}/v1", key, folder, redis_url)))
         port = free_port()
         process, start_s, ready_s = start_gateway(policy, port, variant.workers, key, log)
+        figures: dict = {"start_s": start_s, "ready_s": ready_s, "phases": {}}
         try:
+            figures["idle_rss_mb"] = settled_rss_mb(process.pid)
             target = Target(variant, process.pid, f"http://127.0.0.1:{port}/v1/chat/completions",
                             {"Authorization": f"Bearer {key}"}, port)
-            figures = measure(target, start_s, {"target": process.pid, "redis": redis_pid, "mock": mock_pid}, settings,
-                              ready_s)
+            yield Running(target, {"target": process.pid, "redis": redis_pid, "mock": mock_pid}, figures)
         finally:
-            leftover = stop_tree(process)
-    return figures | {"leftover_processes": leftover}
+            figures["leftover_processes"] = stop_tree(process)
+
+
+def run_round(order: tuple[Variant, ...], mock: tuple[int, int], redis: tuple[str, int], log_dir: Path,
+              settings: argparse.Namespace, number: int) -> dict[str, dict]:
+    """Starts every variant one after the other, then runs each phase on every variant in turn: a phase's loads on the
+    variants follow each other within seconds, so the machine's drift (tens of percent within minutes on these
+    shared cores) meets them alike, where a variant measured whole before the next moved ratios by up to 2.6x."""
+    measured: dict[str, dict] = {}
+    with contextlib.ExitStack() as stack:
+        running: dict[str, Running] = {}
+        for variant in order:
+            print(f"round {number}/{settings.rounds}: starting {variant.name}", file=sys.stderr, flush=True)
+            running[variant.name] = stack.enter_context(started(variant, mock, redis, log_dir))
+            measured[variant.name] = running[variant.name].figures
+        for phase in PHASES:
+            for variant in order:
+                if phase in variant.phases:
+                    print(f"round {number}/{settings.rounds}: {phase} {variant.name}", file=sys.stderr, flush=True)
+                    one = running[variant.name]
+                    one.figures["phases"][phase] = run_phase(one.target, phase, one.pids, settings)
+        for one in running.values():
+            one.figures["hwm_sum_mb"] = tree_memory_mb(tree_pids(one.target.root), "VmHWM")
+            one.figures["table"] = {label: read(one.figures) for label, (_, read) in FIGURES.items()}
+    return measured
 
 
 def at(phase: str, *path: str) -> Callable[[dict], float | None]:
@@ -553,13 +581,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with redis_server() as redis:
             for number in range(args.rounds):
-                measured: dict[str, dict] = {}
-                for variant in every if number % 2 == 0 else every[::-1]:
-                    print(f"round {number + 1}/{args.rounds}: {variant.name}", file=sys.stderr, flush=True)
-                    began = time.perf_counter()
-                    measured[variant.name] = run_variant(variant, (mock.pid, mock_port), redis, out.parent, args)
-                    measured[variant.name]["wall_s"] = time.perf_counter() - began
-                rounds.append({name: measured[name] for name in (variant.name for variant in every)})
+                order = every if number % 2 == 0 else every[::-1]
+                measured = run_round(order, (mock.pid, mock_port), redis, out.parent, args, number + 1)
+                rounds.append({variant.name: measured[variant.name] for variant in every})
     finally:
         stop(mock)
     shown = tuple(variant for variant in every if variant.workers == 1)
