@@ -266,16 +266,19 @@ class StreamGuard:
         None: the chunk is not that one, and takes the full path."""
         if type(choice) is not dict or choice.get("finish_reason") is not None or choice.get("logprobs") is not None:
             return None
-        slots = _plain_slots(choice)
-        if not slots:
+        # _plain_slots inline, without the list it builds: this runs for every chunk of every guarded stream.
+        delta = choice.get("delta")
+        if type(delta) is not dict or not _PLAIN_DELTA.issuperset(delta) or "text" in choice:
+            return None
+        content = delta.get("content")
+        if type(content) is not str or not content:
             return None
         index = choice.get("index")
         scanners = self.choices.get(index if type(index) is int else 0)
         scanner = scanners.get(_CONTENT_SLOT) if scanners is not None else None
         if scanner is None:
             return None
-        delta = slots[0][1]
-        out = scanner.feed(delta["content"])
+        out = scanner.feed(content)
         if scanner.blocked:
             self.message = scanner.message
             return False

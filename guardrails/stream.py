@@ -104,13 +104,19 @@ class StreamScanner:
         """The text safe to send now (possibly empty); '' for ever once blocked."""
         if self.blocked:
             return ""
-        text = self._context + self._pending + delta
+        buffer = self._pending + delta
+        text = self._context + buffer
         if self._plain and not self._detector.may_hold_pii(text):
             # No PII candidate and no patterns to look for: release up to the tail that could still become one.
-            buffer = self._pending + delta
-            cut = max(_tail_start(self._tail, buffer), len(buffer) - MAX_HOLD_CHARS)
+            # _tail_start's shortcut, inline (this runs for every delta of every guarded stream): a last word that
+            # cannot join a run is the whole tail, up to MAX_HOLD_CHARS of it.
+            if buffer and not buffer[-1].isspace() and \
+                    self._tail.joinable_word.fullmatch(word := buffer.rsplit(None, 1)[-1]) is None:
+                cut = len(buffer) - min(len(word), MAX_HOLD_CHARS)
+            else:
+                cut = max(_tail_start(self._tail, buffer), len(buffer) - MAX_HOLD_CHARS)
             out = buffer[:cut]
-            self._context = (self._context + out)[-CONTEXT_CHARS:]
+            self._context = text[: len(self._context) + cut][-CONTEXT_CHARS:]
             self._pending = buffer[cut:]
             return out
         return self._settle(delta, False, self._detector.find_pii(text) if self._suspect(text) else [])
