@@ -266,13 +266,10 @@ class StreamGuard:
         None: the chunk is not that one, and takes the full path."""
         if type(choice) is not dict or choice.get("finish_reason") is not None or choice.get("logprobs") is not None:
             return None
-        # _plain_slots inline, without the list it builds: this runs for every chunk of every guarded stream.
-        delta = choice.get("delta")
-        if type(delta) is not dict or not _PLAIN_DELTA.issuperset(delta) or "text" in choice:
+        plain = _plain_content(choice)
+        if plain is None or not plain[1]:
             return None
-        content = delta.get("content")
-        if type(content) is not str or not content:
-            return None
+        delta, content = plain
         index = choice.get("index")
         scanners = self.choices.get(index if type(index) is int else 0)
         scanner = scanners.get(_CONTENT_SLOT) if scanners is not None else None
@@ -323,15 +320,21 @@ class StreamGuard:
         return [f for scanner in (*self.done, *active) for f in scanner.findings]
 
 
-def _plain_slots(choice: dict) -> list[tuple[Slot, dict, str, bool]] | None:
-    """The slots of the chunk nearly every stream is made of (a delta of only role and content text), or None."""
+def _plain_content(choice: dict) -> tuple[dict, str] | None:
+    """The delta and its text of the chunk nearly every stream is made of (a delta of only role and content text)."""
     delta = choice.get("delta")
     if type(delta) is not dict or not _PLAIN_DELTA.issuperset(delta) or "text" in choice:
         return None
     content = delta.get("content")
-    if type(content) is not str:
+    return (delta, content) if type(content) is str else None
+
+
+def _plain_slots(choice: dict) -> list[tuple[Slot, dict, str, bool]] | None:
+    """The slots of the plain chunk (see _plain_content), or None for any other."""
+    plain = _plain_content(choice)
+    if plain is None:
         return None
-    return [(_CONTENT_SLOT, delta, "content", False)] if content else []
+    return [(_CONTENT_SLOT, plain[0], "content", False)] if plain[1] else []
 
 
 def _text_slots(choice: dict) -> list[tuple[Slot, dict, str, bool]]:
