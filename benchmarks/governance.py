@@ -334,13 +334,11 @@ def run_round(order: tuple[Variant, ...], mock: tuple[int, int], redis: tuple[st
     """Starts every variant one after the other, then runs each phase on every variant in turn: a phase's loads on the
     variants follow each other within seconds, so the machine's drift (tens of percent within minutes on these
     shared cores) meets them alike, where a variant measured whole before the next moved ratios by up to 2.6x."""
-    measured: dict[str, dict] = {}
+    running: dict[str, Running] = {}
     with contextlib.ExitStack() as stack:
-        running: dict[str, Running] = {}
         for variant in order:
             print(f"round {number}/{settings.rounds}: starting {variant.name}", file=sys.stderr, flush=True)
             running[variant.name] = stack.enter_context(started(variant, mock, redis, log_dir))
-            measured[variant.name] = running[variant.name].figures
         for phase in PHASES:
             for variant in order:
                 if phase in variant.phases:
@@ -350,7 +348,8 @@ def run_round(order: tuple[Variant, ...], mock: tuple[int, int], redis: tuple[st
         for one in running.values():
             one.figures["hwm_sum_mb"] = tree_memory_mb(tree_pids(one.target.root), "VmHWM")
             one.figures["table"] = {label: read(one.figures) for label, (_, read) in FIGURES.items()}
-    return measured
+    # Read after the stack has stopped them all: each variant's figures then hold its leftover processes too.
+    return {name: one.figures for name, one in running.items()}
 
 
 def at(phase: str, *path: str) -> Callable[[dict], float | None]:

@@ -93,15 +93,12 @@ def mask(text: str, spans: Sequence[Span]) -> str:
         return text
     try:
         engine = anonymizer()
-    except Exception as exc:
-        raise GuardrailError(f"PII anonymizer failed: {type(exc).__name__}: {exc}") from exc
-    # Only once anonymizer() has imported the package, under the engines' lock: imported here first, from a request's
-    # thread while Presidio's warm-up thread imports it, one of the two got a partly initialised module and failed.
-    from presidio_anonymizer.entities import OperatorConfig, RecognizerResult
+        # Only once anonymizer() has imported the package, under the engines' lock: imported here first, from a
+        # request's thread while Presidio's warm-up thread imports it, one of the two got a partly initialised module.
+        from presidio_anonymizer.entities import OperatorConfig, RecognizerResult
 
-    results = [RecognizerResult(s.entity_type, s.start, s.end, s.score) for s in spans]
-    operators = {"CREDIT_CARD": OperatorConfig("custom", {"lambda": _mask_card})}
-    try:
+        results = [RecognizerResult(s.entity_type, s.start, s.end, s.score) for s in spans]
+        operators = {"CREDIT_CARD": OperatorConfig("custom", {"lambda": _mask_card})}
         return engine.anonymize(text, results, operators).text
     except Exception as exc:
         raise GuardrailError(f"PII anonymizer failed: {type(exc).__name__}: {exc}") from exc

@@ -108,13 +108,7 @@ class StreamScanner:
         text = self._context + buffer
         if self._plain and not self._detector.may_hold_pii(text):
             # No PII candidate and no patterns to look for: release up to the tail that could still become one.
-            # _tail_start's shortcut, inline (this runs for every delta of every guarded stream): a last word that
-            # cannot join a run is the whole tail, up to MAX_HOLD_CHARS of it.
-            if buffer and not buffer[-1].isspace() and \
-                    self._tail.joinable_word.fullmatch(word := buffer.rsplit(None, 1)[-1]) is None:
-                cut = len(buffer) - min(len(word), MAX_HOLD_CHARS)
-            else:
-                cut = max(_tail_start(self._tail, buffer), len(buffer) - MAX_HOLD_CHARS)
+            cut = max(_tail_start(self._tail, buffer), len(buffer) - MAX_HOLD_CHARS)
             out = buffer[:cut]
             self._context = text[: len(self._context) + cut][-CONTEXT_CHARS:]
             self._pending = buffer[cut:]

@@ -151,19 +151,15 @@ def format_duration(seconds: float) -> str:
 
 def _tightest(specs: Sequence[WindowSpec], counts: Sequence[WindowCount]) -> WindowState | None:
     """The window with the least room left (on a tie, the smaller limit), for the headers."""
-    # weighted_count inline and no tuple per window: this runs twice for every admitted request.
-    best_spec: WindowSpec | None = None
-    best_count: WindowCount | None = None
+    # No tuple per window to compare: this runs twice for every admitted request.
+    best: tuple[WindowSpec, WindowCount] | None = None
     best_room = best_limit = 0
     for spec, count in zip(specs, counts, strict=True):
-        previous, current, elapsed_ms = count
-        window, limit = spec.window_ms, spec.limit
-        room = limit - (previous * (window - elapsed_ms) // window + current)
-        if room < 0:
-            room = 0
-        if best_spec is None or room < best_room or (room == best_room and limit < best_limit):
-            best_spec, best_count, best_room, best_limit = spec, count, room, limit
-    return None if best_spec is None or best_count is None else _state(best_spec, best_count)
+        limit = spec.limit
+        room = max(0, limit - weighted_count(count, spec.window_ms))
+        if best is None or room < best_room or (room == best_room and limit < best_limit):
+            best, best_room, best_limit = (spec, count), room, limit
+    return None if best is None else _state(*best)
 
 
 @dataclass(frozen=True, slots=True)
